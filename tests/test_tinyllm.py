@@ -1,0 +1,385 @@
+"""Tests of tinyllm: small configs, real assertions. Run with `python -m pytest -q tests`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import tinyllm as T  # noqa: E402
+
+TEXT = "Hello, world!\nThe quick brown fox jumps over the lazy dog.\r\nÄpfel kosten 3 €. 🍎\r" * 3
+
+
+def tiny_model(vocab_size=40, block_size=32, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = T.Config(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16, **kw)
+    return T.GPT(cfg).eval()
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# 1. tokenizers ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", [TEXT, "", "a", "\r\n\r", "\ufeffBOM first", "日本語のテキスト", "x\ty\0z"])
+def test_char_roundtrip(text):
+    tok = T.CharTokenizer(set(TEXT) | set(text))
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_unknown_characters_are_named():
+    tok = T.CharTokenizer("abc ")
+    with pytest.raises(T.UserError, match=r"never saw: 'x' 'z'"):
+        tok.encode("abc xz")
+
+
+def test_bpe_roundtrip_digits_and_end_token():
+    tok = T.BPETokenizer.train([TEXT, "What is 347 + 285?"] * 20, vocab_size=300)
+    for text in [TEXT, "never seen: Ωμέγα 😀 \x00 \r\n", "12345"]:
+        assert tok.decode(tok.encode(text)) == text
+    digits = tok.encode("347")
+    assert [tok.decode([i]) for i in digits] == ["3", "4", "7"]   # one token per digit
+    assert tok.decode([tok.end_id]) == T.END
+    again = T.tokenizer_from_json(tok.to_json())
+    assert again.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_tokenizer_json_roundtrip_char():
+    tok = T.CharTokenizer(set(TEXT))
+    again = T.tokenizer_from_json(tok.to_json())
+    assert again.encode(TEXT) == tok.encode(TEXT) and again.vocab_size == tok.vocab_size
+
+
+def test_read_text_files_normalises(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes("\ufeffline one\r\nline two\rline three\n".encode("utf-8"))
+    assert T.read_text_files([str(p)]) == ["line one\nline two\nline three\n"]
+
+
+# 2. the thinking corpus ------------------------------------------------------------------------
+
+def test_column_working_is_right_for_many_numbers():
+    for a in range(0, 1000, 7):
+        for b in range(0, 1000, 13):
+            work, r = T.column_working(a, "+", b)
+            assert r == a + b and work.endswith(f"= {a + b}.")
+            assert all(T.check_equation(l, rr) for l, rr in T.EQUATION.findall(work))
+            if a >= b:
+                work, r = T.column_working(a, "-", b)
+                assert r == a - b
+                assert all(T.check_equation(l, rr) for l, rr in T.EQUATION.findall(work))
+
+
+def test_corpus_is_valid_seeded_and_held_out():
+    train, val = T.build_corpus(3000, seed=1)
+    again, _ = T.build_corpus(3000, seed=1)
+    assert [p["question"] for p in train] == [p["question"] for p in again]   # reproducible
+    T.validate_corpus(train, set())                                            # every equation true
+    text = "\n".join("".join(T.problem_text(p)) for p in train)
+    assert {p["family"] for p in train} == set(T.FAMILIES)
+    held = {s: T.make_split(s, 300, seed=0) for s in T.SPLITS}
+    train_q = {p["question"] for p in train}
+    for split, problems in held.items():
+        assert not train_q & {p["question"] for p in problems}, split
+    assert not train_q & {p["question"] for p in val}
+    # unseen combinations: no training equation ever computes a held-out pair
+    for lhs, _ in T.EQUATION.findall(text):
+        nums = [int(x) for x in lhs.split()[::2]]
+        assert not (len(nums) == 2 and T.is_held_out_combo(*nums)), lhs
+    # held-out facts: never multiplied or divided in training, and "a x b" never written
+    for a, b in T.HELD_OUT_FACTS:
+        assert f"{a} x {b}" not in text and f"{b} x {a}" not in text
+        assert f"{a * b} / {a}" not in text and f"{a * b} / {b}" not in text
+    assert all(any(T.is_held_out_combo(*pr) for pr in p["pairs"]) for p in held["combos"])
+    assert all(any(T.is_held_out_fact(*f) for f in p["facts"]) for p in held["facts"])
+    assert all(p["steps"] == 4 for p in held["steps4"])
+    assert max(p["steps"] for p in train) == 3
+
+
+def test_validate_corpus_catches_a_template_bug():
+    bad = dict(T.make_problem(__import__("random").Random(0), "add"))
+    bad["working"] = bad["working"].replace("=", "= 1", 1)
+    with pytest.raises(AssertionError):
+        T.validate_corpus([bad], set())
+    leak = dict(bad, working="2 + 2 = 4.", answer=4, question="{name} has 2 apples.")
+    with pytest.raises(AssertionError, match="placeholder"):
+        T.validate_corpus([leak], set())
+
+
+# 3. the model ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_causal_mask(fused):
+    model = tiny_model(fused_attention=fused)
+    x = torch.randint(40, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(40, (2, 8))
+    a, _ = model(x)
+    b, _ = model(y)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_fused_and_explicit_attention_agree():
+    a, b = tiny_model(fused_attention=False), tiny_model(fused_attention=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(40, (3, 25))
+    assert torch.allclose(a(x)[0], b(x)[0], atol=1e-5)
+
+
+def test_param_breakdown_matches_the_model():
+    for cfg in [T.Config(), T.Config(vocab_size=512, n_layer=3, n_embd=96, n_head=3, block_size=64)]:
+        assert sum(T.param_breakdown(cfg).values()) == sum(p.numel() for p in T.GPT(cfg).parameters())
+
+
+def test_parameter_ceiling_refuses():
+    with pytest.raises(T.UserError, match=r"over the ceiling of 2,000,000"):
+        T.Config(n_embd=256, n_layer=8).check()
+    T.Config(n_embd=256, n_layer=8).check(max_params=10_000_000)   # the explicit flag raises it
+    with pytest.raises(T.UserError, match="not divisible by n_head=3: try --n-head 4"):
+        T.Config(n_embd=160, n_head=3).check()
+
+
+def test_default_configs_fit_the_ceiling():
+    T.Config(vocab_size=101).check()
+    T.Config(vocab_size=512).check()
+
+
+# 4/5. data and training ------------------------------------------------------------------------
+
+def test_loss_falls_when_overfitting(tmp_path):
+    tok = T.CharTokenizer(set(TEXT))
+    ids = T.cached_ids([TEXT * 5], tok, str(tmp_path))
+    model = tiny_model(vocab_size=tok.vocab_size)
+    model.train()
+    opt = T.make_optimizer(model, 3e-3, 0.0, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(150):
+        x, y, _ = T.get_batch({"ids": ids}, 8, 32, gen, "cpu")
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+
+
+def test_cached_ids_are_reused_and_memory_mapped(tmp_path):
+    tok = T.CharTokenizer(set(TEXT))
+    a = T.cached_ids([TEXT], tok, str(tmp_path))
+    b = T.cached_ids([TEXT], tok, str(tmp_path))
+    assert isinstance(b, __import__("numpy").memmap) and list(a) == list(b)
+    assert tok.decode([int(i) for i in a]) == TEXT + T.END
+    assert len(os.listdir(tmp_path)) == 1
+
+
+def test_answer_only_loss_mask():
+    tok = T.CharTokenizer("".join(chr(i) for i in range(32, 127)) + "\n")
+    problems = T.build_corpus(50, seed=0)[0][:3]
+    ids, mask, starts = T.corpus_arrays(problems, tok)
+    p, c = T.problem_text(problems[0])
+    assert mask[:len(p)].sum() == 0 and mask[len(p):len(p) + len(c) + 1].all()
+    assert tok.decode(ids[starts[1]:starts[1] + 3].tolist()) == "Q: "
+
+
+def test_lr_schedule():
+    assert T.lr_at(0.0, 1.0, 0.1) == 0.0
+    assert T.lr_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
+    assert T.lr_at(1.0, 1.0, 0.1) == pytest.approx(0.1)
+    assert T.lr_at(0.5, 1.0, 0.1) < T.lr_at(0.3, 1.0, 0.1)
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    tok = T.CharTokenizer(set(TEXT))
+    model = tiny_model(vocab_size=tok.vocab_size)
+    path = str(tmp_path / "m.pt")
+    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION,
+                             "config": T.asdict(model.cfg), "tokenizer": tok.to_json(),
+                             "model": model.state_dict(), "step": 0, "best_val_loss": 1.0})
+    again, tok2 = T.model_from_checkpoint(T.load_checkpoint(path), path)
+    x = torch.tensor([tok.encode(TEXT[:30])])
+    assert torch.equal(model(x)[0], again.eval()(x)[0])
+    assert [f for f in os.listdir(tmp_path)] == ["m.pt"]   # no temporary file left behind
+
+
+# 6. sampling -----------------------------------------------------------------------------------
+
+def test_kv_cache_matches_full_recomputation():
+    model = tiny_model(block_size=24)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    with_cache = T.generate(model, prompts, 40, temperature=0.0, use_cache=True)
+    without = T.generate(model, prompts, 40, temperature=0.0, use_cache=False)
+    assert with_cache == without   # 40 new tokens overflow block 24: the cropping path is covered too
+    # within the context, left padding in a batch changes nothing
+    batch = T.generate(model, prompts, 15, temperature=0.0)
+    assert batch == [T.generate(model, [p], 15, temperature=0.0)[0] for p in prompts]
+
+
+def test_same_seed_same_samples_and_greedy_is_argmax():
+    model = tiny_model()
+    s1 = T.generate(model, [[1, 2]], 20, temperature=1.0, gen=torch.Generator().manual_seed(5))
+    s2 = T.generate(model, [[1, 2]], 20, temperature=1.0, gen=torch.Generator().manual_seed(5))
+    assert s1 == s2
+    ctx, greedy = [1, 2], []
+    for _ in range(10):
+        nxt = model(torch.tensor([ctx]))[0][0, -1].argmax().item()
+        greedy.append(nxt)
+        ctx.append(nxt)
+    assert T.generate(model, [[1, 2]], 10, temperature=0.0)[0] == greedy
+
+
+def test_top_k_and_top_p_stay_in_the_best():
+    logits = torch.randn(4, 50)
+    best3 = torch.topk(logits, 3).indices
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        nxt = T.sample_next(logits, temperature=2.0, top_k=3, gen=gen)
+        assert all(n in b for n, b in zip(nxt.tolist(), best3.tolist()))
+    peaked = torch.full((1, 10), -10.0)
+    peaked[0, 7] = 10.0
+    assert all(T.sample_next(peaked, 1.0, top_p=0.5, gen=gen).item() == 7 for _ in range(50))
+
+
+def test_end_token_stops_generation():
+    model = tiny_model()
+    first = T.generate(model, [[1, 2]], 1, temperature=0.0)[0][0]
+    assert T.generate(model, [[1, 2]], 10, end_id=first, temperature=0.0) == [[]]
+
+
+# 7. evaluation ---------------------------------------------------------------------------------
+
+def test_score_reply_on_hand_written_replies():
+    right = " 12 - 5: 12 - 5 = 7, 1 - 0 = 1... so 12 - 5 = 7.\nAnswer: 7"
+    s = T.score_reply(right, 7)
+    assert s["correct"] and s["format_ok"] and s["answer_is_last"]
+    wrong = T.score_reply(" 4 + 3 = 8.\nAnswer: 8", 7)
+    assert not wrong["correct"] and not wrong["equations_ok"] and wrong["answer_is_last"]
+    lucky = T.score_reply(" 4 + 3 = 8, so 4 + 3 = 7.\nAnswer: 7", 7)
+    assert lucky["correct"] and not lucky["equations_ok"]
+    missing = T.score_reply(" 4 + 3 = 7.", 7)
+    assert not missing["correct"] and not missing["format_ok"]
+    assert T.score_reply(" 2 x 3: 3 (1), 3 + 3 = 6 (2), so 2 x 3 = 6.\nAnswer: 6", 6)["equations_ok"]
+    assert not T.check_equation("7 / 2", "3")
+
+
+def test_wilson_interval():
+    lo, hi = T.wilson(95, 100)
+    assert 0.88 < lo < 0.9 and 0.97 < hi < 0.99
+    assert T.wilson(0, 10)[0] == 0.0
+
+
+def test_read_questions_and_its_errors(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"question": "What is 2 + 2?", "answer": 4}\n\n{"question": "x", "answer": 1, "family": "f"}\n')
+    qs = T.read_questions(str(p))
+    assert [q["answer"] for q in qs] == [4, 1] and qs[1]["family"] == "f"
+    for body, msg in [('{"question": "a", "answer": 1}\nnot json\n', "line 2: not valid JSON"),
+                      ('{"answer": 1}\n', 'line 1: needs a "question"'),
+                      ('{"question": "a", "answer": "7"}\n', 'line 1: needs an integer "answer"')]:
+        p.write_text(body)
+        with pytest.raises(T.UserError, match=msg):
+            T.read_questions(str(p))
+
+
+# 9. the command line, end to end ----------------------------------------------------------------
+
+def test_cli_train_generate_info_on_user_text(tmp_path):
+    data = tmp_path / "input.txt"
+    data.write_bytes(("\ufeff" + "The cat sat on the mat.\r\nThe dog sat on the log.\r" * 80).encode())
+    ck = str(tmp_path / "ck" / "m.pt")
+    r = run_cli("train", "--data", str(data), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                "--block-size", "32", "--batch-size", "8", "--max-iters", "30", "--eval-interval", "15",
+                "--out", ck, "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
+    assert os.path.exists(ck.replace(".pt", ".best.pt"))
+    g = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
+                "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    assert g.returncode == 0 and g.stdout.startswith("The cat") and len(g.stdout) > len("The cat") + 5
+    g2 = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
+                 "--temperature", "0.8", "--top-k", "5", "--seed", "1")
+    assert g.stdout == g2.stdout   # same seed, same sample
+    i = run_cli("info", "--checkpoint", ck)
+    assert i.returncode == 0 and "step 30" in i.stdout and "char, " in i.stdout
+    again = run_cli("train", "--data", str(data), "--out", ck)
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    res = run_cli("train", "--out", ck, "--resume", "--max-iters", "40", "--eval-interval", "10")
+    assert res.returncode == 0, res.stderr
+    assert "step 40" in res.stdout and "step 10:" not in res.stdout
+
+
+def test_cli_thinking_corpus_train_and_eval(tmp_path):
+    ck = str(tmp_path / "m.pt")
+    r = run_cli("train", "--corpus-size", "500", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2", "--out", ck)
+    assert r.returncode == 0, r.stderr
+    assert "held-out accuracy" in r.stdout
+    e = run_cli("eval", "--checkpoint", ck, "-n", "7", "--json")
+    s = json.loads(e.stdout)
+    assert e.returncode == 0 and s["n"] == 7 and 0 <= s["accuracy"] <= 1 and "per_family" in s
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question": "What is 2 + 2?", "answer": 4}\n')
+    e = run_cli("eval", "--checkpoint", ck, "--questions", str(q))
+    assert e.returncode == 0 and "1 questions" in e.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "missing.txt"], "does not exist"),
+    (["train", "--data", "empty.txt"], "is empty"),
+    (["train", "--data", "blank.txt"], "is empty"),
+    (["train", "--data", "latin1.txt"], "is not UTF-8"),
+    (["train", "--data", "binary.bin"], "looks binary"),
+    (["train", "--data", "short.txt"], "too short for --block-size"),
+    (["train", "--data", "short.txt", "--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size 100 is out of range"),
+    (["train", "--tokenizer", "wordpiece"], "invalid choice"),
+    (["train", "--n-embd", "100", "--n-head", "3"], "not divisible by n_head=3"),
+    (["train", "--n-embd", "512"], "over the ceiling"),
+    (["train", "--lr", "nan"], "--lr must be a finite number"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--max-minutes", "inf"], "finite"),
+    (["generate", "--prompt", "hi", "--checkpoint", "nothing.pt"], "no checkpoint at nothing.pt"),
+    (["generate", "--prompt", "hi", "--checkpoint", "notackpt.pt"], "not a loadable tinyllm checkpoint"),
+    (["generate", "--prompt", "hi", "--checkpoint", "other.pt"], "made by another program"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-k", "0"], "--top-k must be >= 1"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "--top-p must be <= 1"),
+    (["eval", "--questions", "nothing.jsonl"], "does not exist"),
+])
+def test_bad_input_gets_a_clear_message(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_bytes(b"\xef\xbb\xbf  \r\n\t\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1") * 50)
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "short.txt").write_text("just a few words")
+    (tmp_path / "notackpt.pt").write_bytes(b"garbage" * 100)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    r = run_cli(*args, "--out" if args[0] == "train" else "--device", str(tmp_path / "o.pt") if args[0] == "train" else "cpu",
+                cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3   # argparse prints usage + one line; ours one line
+
+
+def test_empty_prompt_and_unknown_characters(tmp_path):
+    tok = T.CharTokenizer(set("abc \n"))
+    model = tiny_model(vocab_size=tok.vocab_size)
+    path = str(tmp_path / "m.pt")
+    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION,
+                             "config": T.asdict(model.cfg), "tokenizer": tok.to_json(),
+                             "model": model.state_dict(), "step": 0, "best_val_loss": 1.0})
+    r = run_cli("generate", "--checkpoint", path, "--prompt", "  ")
+    assert r.returncode == 2 and "prompt is empty" in r.stderr
+    r = run_cli("generate", "--checkpoint", path, "--prompt", "abc xyz")
+    assert r.returncode == 2 and "never saw: 'x' 'y' 'z'" in r.stderr
+    r = run_cli("generate", "--checkpoint", path, "--prompt", "abc" * 20, "--max-new-tokens", "5")
+    assert r.returncode == 0 and "only its end is used" in r.stderr
+    r = run_cli("generate", "--checkpoint", path, "--prompt", "abc", "--max-new-tokens", "0")
+    assert r.returncode == 0 and r.stdout == "abc\n"

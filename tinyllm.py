@@ -1,0 +1,1457 @@
+"""
+tinyllm: a complete small language model in one file, read top to bottom.
+
+Text becomes numbers (tokenizers), numbers become predictions (a GPT), predictions become a loss,
+the loss teaches the weights (AdamW), and the weights write text (sampling). The built-in corpus
+teaches the model to *think step by step*: small word problems answered with written working, like
+a pupil's, ending in an `Answer: N` line that evaluation reads.
+
+Three commands to try:
+    python tinyllm.py train                      # ~10 minutes on a laptop CPU, under 2M parameters
+    python tinyllm.py generate --prompt "Q: Tom has 12 apples. He gives away 5. How many apples does Tom have now?\\nA:"
+    python tinyllm.py eval -n 200                # how many held-out problems it gets right
+
+Map of the file:
+    1. tokenizers          characters or byte-level BPE, one end-of-example token
+    2. the thinking corpus word problems, the written working, the held-out splits
+    3. the model           embeddings, causal self-attention, MLP, blocks, the tied output head
+    4. data                reading text files, caching token ids on disk, batches
+    5. training            AdamW groups, warm-up + cosine schedule, the loop, checkpoints
+    6. sampling            temperature, top-k, top-p, repetition penalty, the KV cache
+    7. evaluation          asking questions, reading `Answer: N`, checking the working
+    A. appendix: tools     things that are useful but not the lesson
+    9. the command line    argparse subcommands that call the sections above
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, asdict, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+END = "<|end|>"  # the end-of-example token: training puts it after every example, sampling stops on it
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The CLI prints its message on one line and exits with status 2."""
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. Tokenizers
+# A model reads integers, not text. The simplest map is one id per character: tiny vocabulary, long
+# sequences. Byte-level BPE (Byte Pair Encoding) starts from the 256 bytes, so no text is ever
+# unencodable, and merges frequent pairs into new tokens: bigger vocabulary, shorter sequences.
+# We split numbers into single digits before BPE, because a merged "347" token hides the digits
+# that column arithmetic needs. Both tokenizers have one END token and save themselves as JSON.
+# -----------------------------------------------------------------------------------------------
+
+class CharTokenizer:
+    """One id per character. Id 0 is END; the others are the sorted characters of the training text."""
+
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = sorted(set(chars) - {"\0"})
+        self.vocab_size = len(self.chars) + 1
+        self.end_id = 0
+        # encoding is vectorised: a sorted array of code points, searched with np.searchsorted
+        self._codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        self._lookup = np.array([END] + self.chars, dtype=object)
+
+    def encode(self, text):
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        idx = np.searchsorted(self._codes, codes)
+        idx = np.minimum(idx, len(self._codes) - 1)
+        unknown = self._codes[idx] != codes
+        if unknown.any():
+            bad = sorted(set(chr(c) for c in codes[unknown]))
+            shown = " ".join(repr(c) for c in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            raise UserError(f"the text has {len(bad)} character(s) this model's vocabulary never saw: "
+                            f"{shown}; remove them, or train with --tokenizer bpe, which can encode any text")
+        return (idx + 1).tolist()
+
+    def decode(self, ids):
+        return "".join(self.chars[i - 1] if i > 0 else END for i in ids)
+
+    def to_json(self):
+        return json.dumps({"kind": "char", "chars": "".join(self.chars)})
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library, with digits always split one per token."""
+
+    kind = "bpe"
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.end_id = tok.token_to_id(END)
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        if not 260 <= vocab_size <= 65536:
+            raise UserError(f"--vocab-size {vocab_size} is out of range: byte-level BPE needs at least "
+                            "260 (256 bytes + END + a few merges) and this tool allows at most 65536")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def to_json(self):
+        return json.dumps({"kind": "bpe", "tokenizer": self.tok.to_str()})
+
+
+def tokenizer_from_json(text):
+    d = json.loads(text)
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "bpe":
+        from tokenizers import Tokenizer
+        return BPETokenizer(Tokenizer.from_str(d["tokenizer"]))
+    raise UserError(f"unknown tokenizer kind {d.get('kind')!r} in checkpoint")
+
+
+def encode_many(tokenizer, texts):
+    """Encode a list of strings; BPE uses the library's batch encoder (all cores, in Rust)."""
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.encode_batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The thinking corpus
+# A model learns what its data shows. Bare answers ("Answer: 632") ask a 2M-parameter model to do
+# column addition in one forward pass; it cannot. Written working breaks each problem into steps
+# a small model can take one token at a time: restate the sum, add one column at a time with the
+# carry written out, build products by counting groups, then give the answer.
+#
+#   Q: Tom has 47 apples. Tom gets 35 more. How many apples does Tom have now?
+#   A: 47 + 35: 7 + 5 = 12, 4 + 3 + 1 = 8, so 47 + 35 = 82.
+#   Answer: 82
+#
+# Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
+# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). Products count
+# groups: "4 x 7: 7 (1), 7 + 7 = 14 (2), 14 + 7 = 21 (3), 21 + 7 = 28 (4), so 4 x 7 = 28."
+# A problem of several steps first copies its numbers in order ("34 + 12 - 22 + 9."), then works
+# one step at a time: a small model finds "the next number" far more reliably than "the third one".
+# The working never names people or objects, so any names and objects in a question work.
+#
+# Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
+#   questions  fresh questions, none appearing verbatim in the training text
+#   combos     operand pairs (both >= 10) whose crc32 hash puts them in 1 of 10 buckets: no training
+#              example of any family ever computes them
+#   facts      the multiplication facts in HELD_OUT_FACTS: no training problem multiplies or divides
+#              with them, so "a x b" for them never appears in the training text
+#   steps4     chains of four operations; training has one to three (a probe, not a target)
+# -----------------------------------------------------------------------------------------------
+
+NAMES = ("Tom Ann Sam Mia Ben Zoe Max Lily Leo Emma Jack Ava Noah Ella Omar Sara Ravi Lucy Ivan Nina "
+         "Kai Rosa Finn Maya Hugo Iris Luca Anya Theo Chloe Amir Hana Owen Priya Jonas Mei Diego Fatima "
+         "Ali Grace Mateo Yuki Ezra Layla Felix Aisha Oscar Nora").split()
+OBJECTS = ("apples pencils marbles stickers books cookies cards shells coins stamps eggs oranges "
+           "balloons buttons crayons flowers toys cars beads rocks candies muffins pears plums "
+           "lemons ribbons spoons cups boxes bottles leaves acorns nuts seeds bricks blocks "
+           "bananas carrots tickets feathers marbles peaches paper-clips dolls kites socks hats").split()
+SYLLABLES = "ka lo mi ra ne to su vi da el an or is ul be fo ga hi jo ze".split()
+HELD_OUT_FACTS = {(3, 8), (4, 7), (6, 9), (7, 8)}   # with both orders: 8 x 3, 7 x 4, ... are held out too
+FAMILIES = ["add", "take", "compare", "groups", "share", "sum", "multistep"]
+MAX_PROBLEM_CHARS = 300   # every problem but the steps4 probe fits the default block_size of 320
+
+
+def is_held_out_combo(a, b):
+    """1 in 10 unordered pairs of numbers that are both >= 10, chosen by a stable hash."""
+    lo, hi = min(a, b), max(a, b)
+    return lo >= 10 and zlib.crc32(f"{lo},{hi}".encode()) % 10 == 0
+
+
+def is_held_out_fact(a, b):
+    return (a, b) in HELD_OUT_FACTS or (b, a) in HELD_OUT_FACTS
+
+
+def column_working(a, op, b):
+    """The written working of a + b or a - b (a >= b for minus): one column at a time, ones first."""
+    result = a + b if op == "+" else a - b
+    if a < 10 and b < 10:
+        return f"{a} {op} {b} = {result}.", result
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        if op == "+":
+            s = x + y + carry
+            steps.append(f"{x} + {y}{' + 1' if carry else ''} = {s}")
+            carry = s // 10
+        else:
+            top = x + 10 if x - carry < y else x   # borrow from the next column when we must
+            s = top - carry - y
+            steps.append(f"{top}{' - 1' if carry else ''} - {y} = {s}")
+            carry = 1 if top != x else 0
+    # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
+    # ones digits from left to right
+    return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {result}.", result
+
+
+def count_working(groups, size, total=None):
+    """Multiplication (groups x size) or division (total / size) as counting groups, with additions."""
+    parts, s, k = [f"{size} (1)"], size, 1
+    while (k < groups) if total is None else (s < total):
+        parts.append(f"{s} + {size} = {s + size} ({k + 1})")
+        s, k = s + size, k + 1
+    if total is None:
+        return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {s}.", s
+    return f"{total} / {size}: " + ", ".join(parts) + f", so {total} / {size} = {k}.", k
+
+
+def random_name(rng):
+    if rng.random() < 0.25:   # invented names teach the model that names do not matter
+        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+    return rng.choice(NAMES)
+
+
+def make_problem(rng, family, steps=None):
+    """One problem: (question, working, answer, operand pairs it computes, multiplication facts it uses)."""
+    n, m, obj = random_name(rng), random_name(rng), rng.choice(OBJECTS)
+    while m == n:
+        m = random_name(rng)
+    pairs, facts = [], []
+    if family == "add":
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        q = rng.choice([
+            f"{n} has {a} {obj}. {n} gets {b} more. How many {obj} does {n} have now?",
+            f"{n} had {a} {obj} and found {b} more. How many {obj} does {n} have in all?",
+            f"There are {a} {obj} in a box. {n} puts in {b} more. How many {obj} are in the box now?",
+            f"{n} buys {a} {obj}, then {b} more {obj}. How many {obj} did {n} buy?"])
+        work, ans = column_working(a, "+", b)
+        pairs.append((a, b))
+    elif family in ("take", "compare"):
+        a = rng.randint(5, 99)
+        b = rng.randint(1, a - 1)
+        if family == "take":
+            q = rng.choice([
+                f"{n} has {a} {obj}. {n} gives away {b}. How many {obj} does {n} have now?",
+                f"There were {a} {obj} on the table. {n} took {b}. How many {obj} are left?",
+                f"{n} had {a} {obj} and lost {b} of them. How many {obj} are left?",
+                f"{n} has {a} {obj} and uses {b}. How many {obj} does {n} have left?"])
+        else:
+            q = rng.choice([
+                f"{n} has {a} {obj}. {m} has {b} {obj}. How many more {obj} does {n} have than {m}?",
+                f"{n} has {b} {obj}. {m} has {a} {obj}. How many more {obj} does {m} have than {n}?",
+                f"{n} has {a} {obj} and {m} has {b}. How many fewer {obj} does {m} have than {n}?",
+                f"{n} read {b} pages. {m} read {a} pages. How many more pages did {m} read?"])
+        work, ans = column_working(a, "-", b)
+        pairs.append((a, b))
+    elif family == "groups":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        q = rng.choice([
+            f"{n} has {a} bags with {b} {obj} in each bag. How many {obj} does {n} have?",
+            f"There are {a} boxes. Each box holds {b} {obj}. How many {obj} are there in all?",
+            f"{n} makes {a} piles of {b} {obj}. How many {obj} is that?",
+            f"What is {a} x {b}?"])
+        work, ans = count_working(a, b)
+        facts.append((a, b))
+    elif family == "share":
+        k, d = rng.randint(2, 9), rng.randint(2, 9)
+        t = k * d
+        q = rng.choice([
+            f"{n} shares {t} {obj} equally among {d} friends. How many {obj} does each friend get?",
+            f"{t} {obj} are put into {d} equal groups. How many {obj} are in each group?",
+            f"{n} packs {t} {obj} into bags of {d}. How many bags does {n} fill?"])
+        work, ans = count_working(None, d, total=t)
+        facts.append((k, d))
+    elif family == "sum":
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        q = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
+        work, ans = column_working(a, "+", b)
+        pairs.append((a, b))
+    elif family == "multistep":
+        steps = steps or rng.randint(2, 3)
+        a = rng.randint(5, 60)
+        q, works, s, chain = f"{n} has {a} {obj}.", [], a, str(a)
+        for _ in range(steps):
+            if s > 8 and (s > 150 or rng.random() < 0.5):
+                x = rng.randint(1, min(s - 1, 60))
+                q += " " + rng.choice([f"{n} gives away {x}.", f"{n} loses {x}.", f"{n} uses {x}."])
+                w, r = column_working(s, "-", x)
+                chain += f" - {x}"
+            else:
+                x = rng.randint(2, 60)
+                q += " " + rng.choice([f"{n} gets {x} more.", f"{n} finds {x} more.", f"{n} buys {x} more."])
+                w, r = column_working(s, "+", x)
+                chain += f" + {x}"
+            works.append(w)
+            pairs.append((s, x))
+            s = r
+        q += f" How many {obj} does {n} have now?"
+        work, ans = chain + ". " + " ".join(works), s   # the whole chain first: numbers are copied in order
+    else:
+        raise ValueError(family)
+    steps = steps or 1
+    if family != "multistep" or steps < 4:
+        if len(q) + len(work) + len(str(ans)) + 16 > MAX_PROBLEM_CHARS:
+            return make_problem(rng, family, steps)   # too long for the context: draw again
+    return dict(question=q, working=work, answer=ans, family=family, steps=steps, pairs=pairs, facts=facts)
+
+
+def problem_text(p, direct=False):
+    """The prompt and the completion the model learns: working + answer (or the answer alone)."""
+    prompt = f"Q: {p['question']}\nA:"
+    if direct:
+        return prompt, f" Answer: {p['answer']}"
+    return prompt, f" {p['working']}\nAnswer: {p['answer']}"
+
+
+def is_training_allowed(p):
+    return (not any(is_held_out_combo(a, b) for a, b in p["pairs"])
+            and not any(is_held_out_fact(a, b) for a, b in p["facts"]))
+
+
+def make_split(split, n, seed):
+    """Held-out problems of one split, seeded. Training problems come from make_training_problems."""
+    rng = random.Random(f"{split}-{seed}")
+    out = []
+    while len(out) < n:
+        family = FAMILIES[len(out) % len(FAMILIES)]
+        if split == "questions":
+            p = make_problem(rng, family)
+            if not is_training_allowed(p):
+                continue
+        elif split == "combos":
+            family = ["add", "take", "compare", "sum"][len(out) % 4]
+            p = make_problem(rng, family)
+            if not any(is_held_out_combo(a, b) for a, b in p["pairs"]):
+                continue
+        elif split == "facts":
+            p = make_problem(rng, ["groups", "share"][len(out) % 2])
+            if not any(is_held_out_fact(a, b) for a, b in p["facts"]):
+                continue
+        elif split == "steps4":
+            p = make_problem(rng, "multistep", steps=4)
+        else:
+            raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        out.append(p)
+    return out
+
+
+SPLITS = ["questions", "combos", "facts", "steps4"]
+
+
+def make_training_problems(n, seed, exclude_questions):
+    """n problems, the families in equal shares, none held out by any rule or asked in evaluation."""
+    rng = random.Random(f"train-{seed}")
+    out = []
+    while len(out) < n:
+        p = make_problem(rng, FAMILIES[len(out) % len(FAMILIES)])
+        if is_training_allowed(p) and p["question"] not in exclude_questions:
+            out.append(p)
+    return out
+
+
+EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
+
+
+def check_equation(lhs, rhs):
+    """Is 'a op b op c' = rhs, read left to right? (The working only writes such chains.)"""
+    tokens = lhs.split()
+    value = int(tokens[0])
+    for op, num in zip(tokens[1::2], tokens[2::2]):
+        num = int(num)
+        if op == "+": value += num
+        elif op == "-": value -= num
+        elif op == "x": value *= num
+        elif op == "/":
+            if num == 0 or value % num:
+                return False
+            value //= num
+    return value == int(rhs)
+
+
+def validate_corpus(problems, held_out_questions):
+    """Refuse a corpus with a template bug: the model would learn it. Cheap, so it runs every time."""
+    for p in problems:
+        prompt, completion = problem_text(p)
+        text = prompt + completion
+        if "{" in text or "}" in text or "None" in text:
+            raise AssertionError(f"template placeholder leaked into: {text!r}")
+        eqs = EQUATION.findall(p["working"])
+        if not eqs or not all(check_equation(l, r) for l, r in eqs):
+            raise AssertionError(f"false equation in working: {text!r}")
+        if int(eqs[-1][1]) != p["answer"]:
+            raise AssertionError(f"the working does not end at the answer: {text!r}")
+        if p["question"] in held_out_questions:
+            raise AssertionError(f"a held-out question is in the training data: {p['question']!r}")
+
+
+def build_corpus(n_train, seed, direct=False, n_val=500):
+    """The training and validation problems, validated, as (prompt, completion) texts."""
+    held_out = [p for s in SPLITS for p in make_split(s, 1000, seed=0)]
+    held_q = {p["question"] for p in held_out}
+    val = make_split("questions", n_val, seed=10_000 + seed)   # validation: unseen by training too
+    val_q = {p["question"] for p in val}
+    train = make_training_problems(n_train, seed, held_q | val_q)
+    validate_corpus(train, held_q | val_q)
+    return train, val
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The model
+# A GPT turns a sequence of token ids into, at every position, scores (logits) for the next token.
+# Each token gets a learned vector (token embedding) plus a learned vector for its position; then
+# n_layer blocks each let every position look back at earlier ones (attention) and think alone
+# (the MLP), with LayerNorm before each and a residual "+" around each. A last LayerNorm, then the
+# output head, which shares its weights with the token embedding (weight tying: the same table
+# reads tokens in and writes them out, and saves vocab_size x n_embd parameters).
+# -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    vocab_size: int = 100
+    block_size: int = 320     # the longest context the model sees
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 160
+    dropout: float = 0.0
+    bias: bool = True
+    fused_attention: bool = False   # F.scaled_dot_product_attention instead of the explicit math
+
+    def check(self, max_params=2_000_000):
+        if self.n_head < 1 or self.n_embd < 1 or self.n_layer < 1 or self.block_size < 2:
+            raise UserError("--n-layer, --n-head and --n-embd must be at least 1, --block-size at least 2")
+        if self.n_embd % self.n_head:
+            good = [h for h in range(1, 17) if self.n_embd % h == 0]
+            near = min(good, key=lambda h: abs(h - self.n_head))
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            f"try --n-head {near}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
+        n = sum(param_breakdown(self).values())
+        if max_params and n > max_params:
+            raise UserError(f"this model has {n:,} parameters, {n - max_params:,} over the ceiling of "
+                            f"{max_params:,}: lower --n-embd, --n-layer, --block-size or --vocab-size, "
+                            "or raise the ceiling with --max-params")
+
+
+def param_breakdown(cfg):
+    """Where the parameters go, without building the model (so a too-big model fails before any work)."""
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    b = 1 if cfg.bias else 0
+    parts = {
+        "token embedding (tied with output head)": V * C,
+        "position embedding": cfg.block_size * C,
+        "attention (q, k, v, output)": L * (C * 3 * C + 3 * C * b + C * C + C * b),
+        "feed-forward (MLP)": L * (C * 4 * C + 4 * C * b + 4 * C * C + C * b),
+        "layer norms": L * 2 * (C + C * b) + (C + C * b),
+    }
+    return parts
+
+
+def param_report(cfg):
+    parts = param_breakdown(cfg)
+    total = sum(parts.values())
+    lines = [f"  {k:<42} {v:>10,}  {100 * v / total:5.1f}%" for k, v in parts.items()]
+    return "\n".join(lines + [f"  {'total':<42} {total:>10,}"])
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.fused = cfg.n_head, cfg.fused_attention
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)   # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask, cache=None):
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)   # (B, T, C) -> (B, n_head, T, head_size)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        if cache is not None:   # generation: keys and values of earlier tokens are kept, not recomputed
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]   # (B, n_head, T_past + T, head_size)
+        drop = self.dropout if self.training else 0.0
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        else:
+            # the plain math: how well each query matches each key, scaled so softmax is not too sharp;
+            # the mask forbids looking ahead (and at padding); softmax turns scores into weights that
+            # sum to 1; the output is the weighted sum of the values.
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))   # (B, n_head, T, T_past + T)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), drop, self.training)
+            y = att @ v                                                  # (B, n_head, T, head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)               # heads side by side again
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, cache)   # communicate: look at earlier positions
+        x = x + self.mlp(self.ln_2(x))                 # compute: each position on its own
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight   # weight tying
+        self.register_buffer("causal", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
+                             persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):   # residual projections start small: GPT-2's scaled init
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, loss_mask=None, caches=None, valid=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean loss if targets are given.
+
+        For generation, `caches` holds each layer's keys and values so far, and `valid` (B, T_total)
+        marks the real tokens of left-padded prompts: padding is neither attended to nor counted
+        in positions."""
+        B, T = idx.shape
+        past = caches[0][0].shape[2] if caches and caches[0] else 0
+        if valid is None:
+            pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)      # (1, T)
+            mask = self.causal[past:past + T, :past + T].unsqueeze(0).unsqueeze(0)  # (1, 1, T, T_total)
+        else:
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:past + T]      # (B, T)
+            mask = self.causal[past:past + T, :past + T].unsqueeze(0) & valid[:, None, :past + T]
+            # a padding query may see only itself (a row with nothing to attend to would give NaN)
+            own = torch.arange(past + T, device=idx.device)[None, :] == torch.arange(past, past + T, device=idx.device)[:, None]
+            mask = (mask | own).unsqueeze(1)                                            # (B, 1, T, T_total)
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.cfg.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(pos))   # (B, T, n_embd)
+        for i, block in enumerate(self.h):
+            x = block(x, mask, caches[i] if caches is not None else None)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)                        # (B, T, vocab_size)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="none")
+        if loss_mask is None:
+            return logits, loss.mean()
+        loss_mask = loss_mask.view(-1).float()
+        return logits, (loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+# Try this: train with --n-layer 2 and compare the validation loss and eval accuracy with the
+# default 6 layers at the same time budget: depth buys reasoning steps per token.
+
+# -----------------------------------------------------------------------------------------------
+# 4. Data
+# Training wants random windows of block_size + 1 token ids: x is the window without its last id,
+# y the window shifted by one (the next token at every position). User text is read as UTF-8 (a
+# byte-order mark is dropped, "\r\n" and "\r" become "\n"), tokenized once, and the ids are cached
+# on disk as a numpy file that is memory-mapped, so a big file is neither re-tokenized every run nor
+# held in memory. The thinking corpus also keeps a loss mask (1 on the answer's tokens) and starts
+# every window at the start of a problem, so the model always sees the question it answers.
+# -----------------------------------------------------------------------------------------------
+
+def read_text_files(paths):
+    """Texts of the given files (folders: their .txt and .md files), normalised. Refuses bad input."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                           if f.endswith((".txt", ".md")))
+            if not found:
+                raise UserError(f"folder {path} holds no .txt or .md files")
+            files += found
+        elif not os.path.exists(path):
+            raise UserError(f"data file {path} does not exist: give a UTF-8 text file or a folder of them")
+        else:
+            files.append(path)
+    texts = []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read()
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}")
+        if b"\0" in raw[:8192]:
+            raise UserError(f"{f} looks binary (it has NUL bytes): give a UTF-8 text file")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f} is not UTF-8 (bad byte at offset {e.start}): re-save it as UTF-8")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise UserError(f"the data ({', '.join(paths)}) is empty: give a file with some text in it")
+    return texts
+
+
+def cached_ids(texts, tokenizer, cache_dir):
+    """Token ids of the texts joined by END, cached on disk by a hash of the text and the tokenizer."""
+    h = zlib.crc32(tokenizer.to_json().encode())
+    for t in texts:
+        h = zlib.crc32(t.encode(), h)
+    path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    parts = []
+    for text in texts:
+        for i in range(0, len(text), 1 << 22):   # 4M characters at a time keeps memory flat
+            parts.append(np.array(tokenizer.encode(text[i:i + (1 << 22)]), dtype=dtype))
+        parts.append(np.array([tokenizer.end_id], dtype=dtype))
+    ids = np.concatenate(parts)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npy"
+    np.save(tmp, ids)
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+def corpus_arrays(problems, tokenizer, direct=False):
+    """Token ids, loss mask and start offsets of the problems, one after another, END after each."""
+    prompts, completions = zip(*(problem_text(p, direct) for p in problems))
+    p_ids, c_ids = encode_many(tokenizer, list(prompts)), encode_many(tokenizer, list(completions))
+    ids, mask, starts = [], [], []
+    for p, c in zip(p_ids, c_ids):
+        starts.append(len(ids))
+        ids += p + c + [tokenizer.end_id]
+        mask += [0] * len(p) + [1] * (len(c) + 1)
+    return np.array(ids, dtype=np.int64), np.array(mask, dtype=np.uint8), np.array(starts, dtype=np.int64)
+
+
+def get_batch(data, batch_size, block_size, gen, device):
+    """A batch of (x, y, loss mask): x, y (B, block_size). `data` is dict(ids, mask?, starts?)."""
+    ids, starts = data["ids"], data.get("starts")
+    if starts is not None:   # start at a problem's beginning, and leave room for a full window
+        starts = starts[: np.searchsorted(starts, len(ids) - block_size - 1)]
+        ix = starts[torch.randint(len(starts), (batch_size,), generator=gen).numpy()]
+    else:
+        ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen).numpy()
+    x = torch.from_numpy(np.stack([np.asarray(ids[i:i + block_size], dtype=np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([np.asarray(ids[i + 1:i + 1 + block_size], dtype=np.int64) for i in ix]))
+    m = None
+    if data.get("mask") is not None:
+        m = torch.from_numpy(np.stack([data["mask"][i + 1:i + 1 + block_size] for i in ix]))
+        m = m.to(device)
+    return x.to(device), y.to(device), m
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Training
+# AdamW keeps a running mean and variance of each gradient and steps each weight by their ratio;
+# weight decay pulls the matrices towards zero (not biases, norms or embeddings, where it only
+# hurts). The learning rate warms up linearly (early gradients are wild) and then follows a cosine
+# down to a tenth. Gradients are clipped to norm 1. On CUDA and on CPUs with bf16 units, matrix
+# multiplies run in bfloat16 under autocast; the weights and the optimizer stay in float32.
+# A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
+# nothing in it can run code. It is written to a temporary file and renamed into place, so a
+# crash never leaves half a checkpoint.
+# -----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "tinyllm-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but MPS is not available here: use --device cpu or auto")
+    return name
+
+
+def pick_dtype(name, device):
+    """bf16 autocast where it is supported and faster, else fp32. On CPU, a quick matmul race decides."""
+    if name != "auto":
+        return name
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device != "cpu":
+        return "fp32"
+    a, b = torch.randn(1024, 192), torch.randn(192, 768)
+    speed = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x, y = a.to(dt), b.to(dt)
+        for _ in range(2):
+            x @ y
+        t = time.perf_counter()
+        for _ in range(10):
+            x @ y
+        speed[dt] = time.perf_counter() - t
+    return "bf16" if speed[torch.bfloat16] < 0.8 * speed[torch.float32] else "fp32"
+
+
+def autocast(device, dtype):
+    if dtype == "bf16":
+        return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def lr_at(progress, lr, warmup):
+    """Learning rate at a point of training, progress in [0, 1]: linear warm-up, then cosine to lr/10."""
+    if progress < warmup:
+        return lr * progress / warmup
+    p = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith(("wte", "wpe"))]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """Load and check a checkpoint. weights_only=True: a file that tries to run code is refused."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one first with `python tinyllm.py train`, "
+                        "or point --checkpoint at one")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a loadable tinyllm checkpoint (corrupt, or it holds objects "
+                        f"that could run code, which are refused): {first[:200]}")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a tinyllm checkpoint (it was made by another program)")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {ck.get('version')}; "
+                        f"this tinyllm reads version {CHECKPOINT_VERSION}")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint"):
+    """Rebuild the tokenizer and the model, refusing any mismatch with a message."""
+    try:
+        names = {f.name for f in fields(Config)}
+        cfg = Config(**{k: v for k, v in ck["config"].items() if k in names})
+        tokenizer = tokenizer_from_json(ck["tokenizer"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} has a broken config or tokenizer: {e}")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens "
+                        f"but its config says vocab_size={cfg.vocab_size}")
+    model = GPT(cfg)
+    sd, want = ck.get("model", {}), model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
+    if missing or wrong or set(sd) - set(want):
+        what = (f"missing {missing[:3]}" if missing else f"wrong shape for {wrong[:3]}" if wrong
+                else f"unexpected {sorted(set(sd) - set(want))[:3]}")
+        raise UserError(f"{path}: its weights do not match its config ({what})")
+    model.load_state_dict(sd)
+    return model, tokenizer
+
+
+@dataclass
+class TrainSettings:
+    out: str = "checkpoints/tinyllm.pt"
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.03           # share of the run spent warming up
+    max_iters: int = 1_000_000
+    max_minutes: float = 10.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+
+def estimate_loss(model, splits, s, device, dtype, gen):
+    model.eval()
+    out = {}
+    with torch.no_grad(), autocast(device, dtype):
+        for name, data in splits.items():
+            losses = [model(*get_batch(data, s.batch_size, model.cfg.block_size, gen, device))[1].item()
+                      for _ in range(s.eval_iters)]
+            out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None, log=print):
+    """The training loop. `splits` maps "train"/"val" to data dicts; `meta` is saved in checkpoints.
+    `probe(model)` (optional) returns a line to print at each evaluation: a sample, or accuracy."""
+    from tqdm import tqdm
+    device, dtype = meta["device"], meta["dtype"]
+    model.to(device)
+    optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
+    gen = torch.Generator().manual_seed(s.seed)      # batches come from here: saved, so resume is exact
+    torch.manual_seed(s.seed)                         # dropout
+    step, elapsed, best_val = 0, 0.0, float("inf")
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step, elapsed = resume_state["step"], resume_state.get("elapsed", 0.0)
+        best_val = resume_state.get("best_val_loss", best_val)
+        gen.set_state(resume_state["rng"]["batches"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+    fwd = torch.compile(model) if s.compile else model
+    budget = s.max_minutes * 60 if s.max_minutes else float("inf")
+
+    def checkpoint(path, val_loss):
+        save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "config": asdict(model.cfg), "tokenizer": tokenizer.to_json(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+            "best_val_loss": best_val, "val_loss": val_loss, "meta": meta,
+            "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state()}})
+
+    stop = {"asked": False}
+
+    def on_sigint(signum, frame):
+        if stop["asked"]:   # a second Ctrl-C: leave now; the last complete checkpoint is untouched
+            raise KeyboardInterrupt
+        stop["asked"] = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size
+    bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
+               dynamic_ncols=True, disable=None, file=sys.stderr)
+    t_last, steps_last, val_loss = time.perf_counter(), step, None
+    start = time.perf_counter() - elapsed
+    try:
+        while True:
+            progress = max(step / s.max_iters, elapsed / budget)
+            last = progress >= 1.0 or stop["asked"]
+            if step % s.eval_interval == 0 or last:
+                losses = estimate_loss(model, splits, s, device, dtype, gen)
+                val_loss = losses.get("val", losses["train"])
+                line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
+                if probe is not None:
+                    line += ", " + probe(model)
+                bar.write(line) if bar.disable is False else log(line)
+                if step > 0 or resume_state is not None:
+                    if val_loss < best_val:
+                        best_val = val_loss
+                        checkpoint(s.out.replace(".pt", "") + ".best.pt", val_loss)
+                    checkpoint(s.out, val_loss)
+            if last:
+                break
+            lr = lr_at(progress, s.lr, s.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(s.grad_accum):
+                x, y, m = get_batch(splits["train"], s.batch_size, model.cfg.block_size, gen, device)
+                with autocast(device, dtype):
+                    _, loss = fwd(x, y, m)
+                (loss / s.grad_accum).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - start
+            if step % 10 == 0:
+                lossf = loss.item()
+                if not math.isfinite(lossf):
+                    raise UserError(f"the loss became {lossf} at step {step}: training diverged; "
+                                    f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
+                now = time.perf_counter()
+                tok_s = (step - steps_last) * tokens_per_step / (now - t_last)
+                t_last, steps_last = now, step
+                bar.set_postfix(loss=f"{lossf:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+                bar.update(10)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, old_handler)
+    return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
+            "interrupted": stop["asked"], "tokens": step * tokens_per_step}
+
+
+# Try this: train with --lr 1e-2 and watch the loss: too high a learning rate makes it jump and stall.
+
+# -----------------------------------------------------------------------------------------------
+# 6. Sampling
+# The model gives logits for the next token; we turn them into a choice. Temperature divides the
+# logits (below 1 sharpens, above 1 flattens; 0 means always take the best: greedy). Top-k keeps the
+# k best tokens, top-p the smallest set whose probabilities add up to p. A repetition penalty lowers
+# tokens already in the context. The KV cache keeps every layer's keys and values, so each new
+# token costs one position's work instead of the whole context's.
+# -----------------------------------------------------------------------------------------------
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, context=None, repetition_penalty=1.0,
+                gen=None):
+    """logits (B, vocab_size) -> next ids (B,)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and context is not None:
+        seen = torch.gather(logits, 1, context)
+        logits = logits.scatter(1, context, torch.where(seen > 0, seen / repetition_penalty,
+                                                        seen * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p   # keep tokens until the mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k=None, top_p=None,
+             repetition_penalty=1.0, gen=None, use_cache=True, on_token=None, dtype="fp32"):
+    """Continue each prompt (a list of id lists) by up to max_new_tokens; returns the new ids of each.
+
+    Prompts of different lengths are left-padded and masked, so one batch serves them all. With the
+    cache, the prompts run through the model once and then one token per step; without it, the
+    whole context runs every step (slow, but it is the definition: tests check they agree)."""
+    model.eval()
+    device = next(model.parameters()).device
+    B, bs = len(prompts), model.cfg.block_size
+    pad = 0 if end_id is None else end_id
+    prompts = [p[-bs:] for p in prompts]   # crop long prompts from the left
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=device)           # (B, T)
+    valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    caches, fed = None, 0   # fed: how many columns of idx the cache already holds
+    for _ in range(max_new_tokens):
+        if idx.size(1) > bs:   # the context is full: keep its last 3/4 and rebuild the cache
+            keep = max(1, 3 * bs // 4)
+            idx, valid, caches, fed = idx[:, -keep:], valid[:, -keep:], None, 0
+        with autocast(device.type, dtype):
+            if use_cache:
+                if caches is None:
+                    caches = [[] for _ in model.h]
+                logits, _ = model(idx[:, fed:], caches=caches, valid=valid)
+                fed = idx.size(1)
+            else:
+                logits, _ = model(idx, valid=valid)
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, idx, repetition_penalty, gen)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        new = nxt.tolist()
+        for b in range(B):
+            if not done[b]:
+                out[b].append(new[b])
+                if on_token is not None and on_token(b, new[b]):   # the caller says: this row is finished
+                    done[b] = True
+        if end_id is not None:
+            done |= nxt == end_id
+        if done.all():
+            break
+        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    return [[t for t in o if t != end_id] if end_id is not None else o for o in out]
+
+
+# Try this: generate with --temperature 1.5 and then 0.3: high temperature invents, low repeats.
+
+# -----------------------------------------------------------------------------------------------
+# 7. Evaluation
+# Loss says how surprised the model is; evaluation asks whether it is right. Each question is asked
+# as "Q: <question>\nA:", the reply is decoded greedily, and the first "Answer: N" line is compared
+# with the truth. We also check the reasoning: are all written equations true, and is the answer the
+# last value the working computed? A right answer reached by wrong steps is luck. Trivial baselines
+# on the same questions (add all numbers, subtract them, repeat the last one) say what "right" means.
+# -----------------------------------------------------------------------------------------------
+
+ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+
+
+def score_reply(reply, answer):
+    """Read one reply: its answer, whether it is right, and whether its working holds up."""
+    m = ANSWER.search(reply)
+    got = int(m.group(1)) if m else None
+    eqs = EQUATION.findall(reply[:m.start()] if m else reply)
+    return {"got": got, "correct": got == answer, "format_ok": m is not None,
+            "equations_ok": bool(eqs) and all(check_equation(l, r) for l, r in eqs),
+            "answer_is_last": bool(eqs) and got is not None and int(eqs[-1][1]) == got}
+
+
+def baselines(question):
+    nums = [int(x) for x in re.findall(r"\d+", question)]
+    if not nums:
+        return {"add all": None, "subtract": None, "last number": None}
+    return {"add all": sum(nums), "subtract": nums[0] - sum(nums[1:]), "last number": nums[-1]}
+
+
+def wilson(k, n, z=1.96):
+    """95% confidence interval of a proportion k/n (Wilson's, which behaves near 0% and 100%)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def ask(model, tokenizer, questions, max_new_tokens=256, batch_size=200, temperature=0.0, gen=None,
+        dtype="fp32"):
+    """Replies to a list of questions, generated in batches with the KV cache."""
+    prompts = encode_many(tokenizer, [f"Q: {q}\nA:" for q in questions])
+    max_new = min(max_new_tokens, model.cfg.block_size - 1)
+    replies = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths pad less
+    by_index = {}
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        outs = generate(model, [prompts[j] for j in chunk], max_new, tokenizer.end_id,
+                        temperature=temperature, gen=gen, dtype=dtype)
+        for j, o in zip(chunk, outs):
+            by_index[j] = tokenizer.decode(o)
+    replies = [by_index[i] for i in range(len(prompts))]
+    return replies
+
+
+def evaluate(model, tokenizer, problems, votes=1, temperature=0.8, seed=0, dtype="fp32"):
+    """Score a list of problems (dicts with question, answer and optional family/steps/split)."""
+    questions = [p["question"] for p in problems]
+    if votes <= 1:
+        replies = ask(model, tokenizer, questions, dtype=dtype)
+        scored = [score_reply(r, p["answer"]) for r, p in zip(replies, problems)]
+    else:   # self-consistency: sample several chains of working, take the most common answer
+        gen = torch.Generator().manual_seed(seed)
+        runs = [ask(model, tokenizer, questions, temperature=temperature, gen=gen, dtype=dtype)
+                for _ in range(votes)]
+        replies, scored = [], []
+        for i, p in enumerate(problems):
+            cands = [score_reply(run[i], p["answer"]) for run in runs]
+            answers = [c["got"] for c in cands if c["got"] is not None]
+            top = max(set(answers), key=answers.count) if answers else None
+            pick = next((k for k, c in enumerate(cands) if c["got"] == top), 0)
+            replies.append(runs[pick][i])
+            scored.append(cands[pick])
+    for s, r, p in zip(scored, replies, problems):
+        s.update(reply=r, question=p["question"], answer=p["answer"], family=p.get("family", "?"),
+                 steps=p.get("steps", 1), split=p.get("split", "?"))
+    return summarize(scored)
+
+
+def summarize(scored):
+    def acc(rows):
+        k, n = sum(r["correct"] for r in rows), len(rows)
+        lo, hi = wilson(k, n)
+        return {"accuracy": k / n if n else 0.0, "n": n, "correct": k, "ci95": [round(lo, 4), round(hi, 4)]}
+
+    def by(key):
+        return {str(v): acc([r for r in scored if r[key] == v]) for v in sorted({r[key] for r in scored})}
+
+    n = len(scored)
+    base = {name: sum(baselines(r["question"])[name] == r["answer"] for r in scored) / max(1, n)
+            for name in ("add all", "subtract", "last number")}
+    return {**acc(scored), "format_broken": sum(not r["format_ok"] for r in scored) / max(1, n),
+            "reasoning_ok": sum(r["equations_ok"] for r in scored) / max(1, n),
+            "answer_is_last_value": sum(r["answer_is_last"] for r in scored) / max(1, n),
+            "per_family": by("family"), "per_steps": by("steps"), "per_split": by("split"),
+            "baselines": base, "failures": [{k: r[k] for k in ("question", "reply", "answer")}
+                                            for r in scored if not r["correct"]][:5]}
+
+
+def format_summary(s):
+    def row(name, a):
+        return f"  {name:<12} {100 * a['accuracy']:6.1f}%  ({a['correct']}/{a['n']}, 95% CI " \
+               f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%)"
+    lines = [row("overall", s)]
+    for title, key in (("per family", "per_family"), ("per number of steps", "per_steps"),
+                       ("per split", "per_split")):
+        if len(s[key]) > 1 or key == "per_split":
+            lines.append(title + ":")
+            lines += [row(k, v) for k, v in s[key].items()]
+    lines.append(f"reasoning: every equation true in {100 * s['reasoning_ok']:.1f}% of replies; answer equals "
+                 f"the last computed value in {100 * s['answer_is_last_value']:.1f}%; no 'Answer:' line in "
+                 f"{100 * s['format_broken']:.1f}%")
+    lines.append("trivial baselines on the same questions: " +
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["baselines"].items()))
+    for f in s["failures"][:3]:
+        lines.append(f"failure: Q: {f['question']}\n  reply: {f['reply'].strip()}\n  true answer: {f['answer']}")
+    return "\n".join(lines)
+
+
+def read_questions(path):
+    """A JSON Lines file of {"question": "...", "answer": 7, "family": "..."(optional)}."""
+    if not os.path.exists(path):
+        raise UserError(f"questions file {path} does not exist")
+    problems = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})")
+            if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
+                raise UserError(f'{path} line {n}: needs a "question" string')
+            if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool):
+                raise UserError(f'{path} line {n}: needs an integer "answer"')
+            problems.append({"question": d["question"], "answer": d["answer"],
+                             "family": str(d.get("family", "custom")), "split": "custom"})
+    if not problems:
+        raise UserError(f"{path} holds no questions")
+    return problems
+
+
+# -----------------------------------------------------------------------------------------------
+# A. Appendix: tools. Useful, not the lesson.
+# -----------------------------------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. The command line
+# Each subcommand parses its flags, checks them, and calls the plain functions above.
+# -----------------------------------------------------------------------------------------------
+
+DEFAULT_CKPT = os.path.join("checkpoints", "tinyllm.pt")
+
+
+def positive(kind, name, lo=None, hi=None, lo_open=False):
+    """An argparse type that refuses NaN, inf and out-of-range numbers with a readable message."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {'whole ' if kind is int else ''}number, got {text!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {text}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {text}")
+        return v
+    return parse
+
+
+def cmd_train(a):
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
+    resume = None
+    if os.path.exists(a.out):
+        if a.resume:
+            resume = load_checkpoint(a.out)
+        elif not a.overwrite:
+            raise UserError(f"{a.out} already holds a checkpoint: add --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out")
+    elif a.resume:
+        raise UserError(f"--resume: there is no checkpoint at {a.out} to resume")
+    folder = os.path.dirname(os.path.abspath(a.out))
+    try:   # find out now, not after an hour of training, that the checkpoint cannot be written
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".write-test{os.getpid()}"), "wb") as f:
+            f.write(b"x")
+        os.remove(f.name)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {folder}: {e.strerror}; choose another --out")
+    torch.manual_seed(a.seed)
+
+    thinking = not a.data
+    if resume is not None:
+        model, tokenizer = model_from_checkpoint(resume, a.out)
+        meta = resume["meta"]
+        thinking = meta["data"] is None
+        a.data, a.corpus_format = meta["data"], meta.get("corpus_format", "working")
+    if thinking:
+        train_p, val_p = build_corpus(a.corpus_size, seed=a.seed, direct=a.corpus_format == "direct")
+        texts = [''.join(problem_text(p, a.corpus_format == "direct")) for p in train_p[:20000]]
+    else:
+        texts = read_text_files(a.data)
+    if resume is None:
+        if a.tokenizer == "char":
+            import string
+            extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
+            tokenizer = CharTokenizer(set(extra).union(*map(set, texts)))
+        else:
+            tokenizer = BPETokenizer.train(texts, a.vocab_size)
+        cfg = Config(vocab_size=tokenizer.vocab_size, block_size=a.block_size, n_layer=a.n_layer,
+                     n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, fused_attention=a.fused_attention)
+        cfg.check(a.max_params)
+        model = GPT(cfg)
+        meta = {"data": a.data, "corpus_format": a.corpus_format, "tokenizer": a.tokenizer}
+    cfg = model.cfg
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
+          f"{a.tokenizer} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
+    probe = None
+    if thinking:
+        direct = a.corpus_format == "direct"
+        ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
+        v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
+        splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
+                  "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
+        sample = make_split("questions", 60, seed=20_000)
+
+        def probe(m):
+            return f"held-out accuracy {100 * evaluate(m, tokenizer, sample, dtype=dtype)['accuracy']:.0f}% (60 questions)"
+    else:
+        ids = cached_ids(texts, tokenizer, a.cache_dir)
+        n_val = int(len(ids) * a.val_fraction)
+        if len(ids) - n_val < cfg.block_size + 2 or (n_val and n_val < cfg.block_size + 2):
+            raise UserError(f"the data has {len(ids):,} tokens: too short for --block-size {cfg.block_size} "
+                            f"with a {a.val_fraction:.0%} validation share; give more text or a smaller --block-size")
+        splits = {"train": {"ids": ids[:len(ids) - n_val]}}
+        if n_val:
+            splits["val"] = {"ids": ids[len(ids) - n_val:]}
+        start = ids[:min(len(ids), 8)].tolist()
+
+        def probe(m):
+            o = generate(m, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
+                         dtype=dtype)
+            return "sample: " + repr(tokenizer.decode(start + o[0]))
+    print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
+          f"batch {a.batch_size} x {cfg.block_size}, budget {a.max_iters:,} steps or {a.max_minutes:g} minutes")
+    meta.update(device=device, dtype=dtype)
+    s = TrainSettings(out=a.out, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup,
+                      max_iters=a.max_iters, max_minutes=a.max_minutes, eval_interval=a.eval_interval,
+                      seed=a.seed, device=device, dtype=dtype, compile=a.compile)
+    r = train(model, tokenizer, splits, s, meta, resume_state=resume, probe=probe)
+    print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
+          f"tokens/s, val loss {r['val_loss']:.4f}; saved {a.out}")
+    if r["interrupted"]:
+        print(f"interrupted: resume with `python tinyllm.py train --out {a.out} --resume`")
+        return 130
+    return 0
+
+
+def cmd_generate(a):
+    ck = load_checkpoint(a.checkpoint)
+    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+    device = pick_device(a.device)
+    model.to(device)
+    prompt = a.prompt.replace("\\n", "\n")
+    if not prompt.strip():
+        raise UserError("the prompt is empty: give some text with --prompt")
+    ids = tokenizer.encode(prompt)
+    if len(ids) >= model.cfg.block_size:
+        print(f"(the prompt has {len(ids)} tokens, more than the model's context of {model.cfg.block_size}: "
+              "only its end is used)", file=sys.stderr)
+    gen = torch.Generator().manual_seed(a.seed)
+    for n in range(a.num_samples):
+        if a.num_samples > 1:
+            print(f"--- sample {n + 1}")
+        print(prompt, end="", flush=True)
+        shown, printed = [], [""]
+
+        def stream(b, tok):   # print as tokens arrive; BPE may need several tokens for one character
+            if tok == tokenizer.end_id:
+                return True
+            shown.append(tok)
+            text = tokenizer.decode(shown)
+            if a.stop and a.stop in text:
+                text = text[:text.index(a.stop) + len(a.stop)]
+            if not text.endswith("\ufffd"):
+                print(text[len(printed[0]):], end="", flush=True)
+                printed[0] = text
+            return bool(a.stop) and a.stop in text
+
+        generate(model, [ids], a.max_new_tokens, tokenizer.end_id, a.temperature, a.top_k, a.top_p,
+                 a.repetition_penalty, gen, on_token=stream)
+        print()
+    return 0
+
+
+def cmd_eval(a):
+    ck = load_checkpoint(a.checkpoint)
+    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+    model.to(pick_device(a.device))
+    if a.questions:
+        problems = read_questions(a.questions)
+    else:
+        splits = SPLITS if a.split == "all" else [a.split]
+        problems = []
+        for sp in splits:
+            ps = make_split(sp, a.n, seed=0)
+            for p in ps:
+                p["split"] = sp
+            problems += ps
+    t = time.perf_counter()
+    s = evaluate(model, tokenizer, problems, votes=a.votes, temperature=a.temperature, seed=a.seed)
+    s["seconds"] = round(time.perf_counter() - t, 1)
+    if a.json:
+        print(json.dumps(s))
+    else:
+        print(f"{len(problems)} questions in {s['seconds']} s" + (f", majority of {a.votes} votes" if a.votes > 1 else ", greedy"))
+        print(format_summary(s))
+    return 0
+
+
+def cmd_info(a):
+    ck = load_checkpoint(a.checkpoint)
+    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+    cfg = model.cfg
+    print(f"checkpoint {a.checkpoint} (format version {ck['version']})")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    print(param_report(cfg))
+    print(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens")
+    meta = ck.get("meta", {})
+    print(f"trained on: {', '.join(meta['data']) if meta.get('data') else 'the built-in thinking corpus'}"
+          f" ({meta.get('device', '?')}, {meta.get('dtype', '?')})")
+    print(f"training state: step {ck['step']}, {ck.get('elapsed', 0) / 60:.1f} min, "
+          f"val loss {ck.get('val_loss', float('nan')):.4f}, best val loss {ck['best_val_loss']:.4f}")
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="tinyllm.py", description="A tiny language model that thinks step by step, in one file.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="train a model (default: on the built-in thinking corpus)", formatter_class=fmt)
+    t.add_argument("--data", nargs="+", help="your own UTF-8 text files or folders (default: the built-in corpus)")
+    t.add_argument("--tokenizer", default="char", choices=["char", "bpe"], help="characters, or byte-level BPE")
+    t.add_argument("--vocab-size", type=positive(int, "--vocab-size", 1), default=512, help="BPE vocabulary size")
+    t.add_argument("--n-layer", type=positive(int, "--n-layer", 1), default=6)
+    t.add_argument("--n-head", type=positive(int, "--n-head", 1), default=4)
+    t.add_argument("--n-embd", type=positive(int, "--n-embd", 1), default=160, help="width of the model")
+    t.add_argument("--block-size", type=positive(int, "--block-size", 2), default=320, help="context length in tokens")
+    t.add_argument("--dropout", type=positive(float, "--dropout", 0, 0.99), default=0.0)
+    t.add_argument("--fused-attention", action="store_true", help="use F.scaled_dot_product_attention")
+    t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
+                   help="the parameter ceiling (0: none)")
+    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), default=32)
+    t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
+    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
+    t.add_argument("--max-iters", type=positive(int, "--max-iters", 1), default=1_000_000, help="stop after this many steps")
+    t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0, lo_open=True), default=10.0,
+                   help="stop after this many minutes (the schedule follows whichever budget ends first)")
+    t.add_argument("--eval-interval", type=positive(int, "--eval-interval", 1), default=250)
+    t.add_argument("--val-fraction", type=positive(float, "--val-fraction", 0, 0.5), default=0.1,
+                   help="share of your text kept for validation (its end)")
+    t.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where token ids of --data are cached")
+    t.add_argument("--corpus-format", default="working", choices=["working", "direct"],
+                   help="built-in corpus: with written working, or bare answers (the control)")
+    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100), default=300_000,
+                   help="built-in corpus: number of training problems")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CUDA and on CPUs where it is faster, else fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--out", default=DEFAULT_CKPT, help="checkpoint path (the best one is saved beside it as .best.pt)")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained model", formatter_class=fmt)
+    g.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
+    g.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0), default=200)
+    g.add_argument("--temperature", type=positive(float, "--temperature", 0), default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
+    g.add_argument("--top-p", type=positive(float, "--top-p", 0, 1, lo_open=True), default=None)
+    g.add_argument("--repetition-penalty", type=positive(float, "--repetition-penalty", 0, lo_open=True), default=1.0)
+    g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
+    g.add_argument("--num-samples", type=positive(int, "--num-samples", 1), default=1)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+
+    e = sub.add_parser("eval", help="score a model on held-out word problems", formatter_class=fmt)
+    e.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    e.add_argument("-n", type=positive(int, "-n", 1), default=1000, help="questions per split")
+    e.add_argument("--split", default="questions", choices=SPLITS + ["all"])
+    e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
+    e.add_argument("--votes", type=positive(int, "--votes", 1), default=1, help="majority of K sampled replies")
+    e.add_argument("--temperature", type=positive(float, "--temperature", 0, lo_open=True), default=0.8,
+                   help="sampling temperature for --votes")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    e.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+
+    i = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt)
+    i.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info}
+    try:
+        return commands[a.command](a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
