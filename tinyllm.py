@@ -10,6 +10,7 @@ Three commands to try:
     python tinyllm.py train                      # ~10 minutes on a laptop CPU, under 2M parameters
     python tinyllm.py generate --prompt "Q: Tom has 12 apples. He gives away 5. How many apples does Tom have now?\\nA:"
     python tinyllm.py eval -n 200                # how many held-out problems it gets right
+Speed measurements live outside the lesson, in tests/bench.py.
 
 Map of the file:
     1. tokenizers          characters or byte-level BPE, one end-of-example token
@@ -19,7 +20,6 @@ Map of the file:
     5. training            AdamW groups, warm-up + cosine schedule, the loop, checkpoints
     6. sampling            temperature, top-k, top-p, repetition penalty, the KV cache
     7. evaluation          asking questions, reading `Answer: N`, checking the working
-    A. appendix: tools     things that are useful but not the lesson
     9. the command line    argparse subcommands that call the sections above
 """
 
@@ -62,7 +62,7 @@ class CharTokenizer:
     kind = "char"
 
     def __init__(self, chars):
-        self.chars = sorted(set(chars) - {"\0"})
+        self.chars = sorted(set(chars))
         self.vocab_size = len(self.chars) + 1
         self.end_id = 0
         # encoding is vectorised: a sorted array of code points, searched with np.searchsorted
@@ -70,7 +70,10 @@ class CharTokenizer:
         self._lookup = np.array([END] + self.chars, dtype=object)
 
     def encode(self, text):
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text):
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
         idx = np.searchsorted(self._codes, codes)
         idx = np.minimum(idx, len(self._codes) - 1)
         unknown = self._codes[idx] != codes
@@ -79,7 +82,7 @@ class CharTokenizer:
             shown = " ".join(repr(c) for c in bad[:10]) + (" ..." if len(bad) > 10 else "")
             raise UserError(f"the text has {len(bad)} character(s) this model's vocabulary never saw: "
                             f"{shown}; remove them, or train with --tokenizer bpe, which can encode any text")
-        return (idx + 1).tolist()
+        return idx + 1
 
     def decode(self, ids):
         return "".join(self.chars[i - 1] if i > 0 else END for i in ids)
@@ -156,8 +159,11 @@ def encode_many(tokenizer, texts):
 #   Answer: 82
 #
 # Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
-# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). Products count
-# groups: "4 x 7: 7 (1), 7 + 7 = 14 (2), 14 + 7 = 21 (3), 21 + 7 = 28 (4), so 4 x 7 = 28."
+# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). Products add one
+# group at a time and say how many of how many: "3 x 7: 7 (1/3), 7 + 7 = 14 (2/3), 14 + 7 = 21 (3/3),
+# so 3 x 7 = 21."; divisions take a group away until nothing is left: "12 / 4: 12 - 4 = 8 (1),
+# 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides when to stop by
+# looking at the step it just wrote, not at a number far back in the question.
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22 + 9."), then works
 # one step at a time: a small model finds "the next number" far more reliably than "the third one".
 # The working never names people or objects, so any names and objects in a question work.
@@ -217,14 +223,21 @@ def column_working(a, op, b):
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {result}.", result
 
 
-def count_working(groups, size, total=None):
-    """Multiplication (groups x size) or division (total / size) as counting groups, with additions."""
-    parts, s, k = [f"{size} (1)"], size, 1
-    while (k < groups) if total is None else (s < total):
-        parts.append(f"{s} + {size} = {s + size} ({k + 1})")
-        s, k = s + size, k + 1
-    if total is None:
-        return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {s}.", s
+def times_working(groups, size):
+    """groups x size by adding one group at a time; "(3/4)" counts groups so far out of all of them."""
+    parts, s = [f"{size} (1/{groups})"], size
+    for k in range(2, groups + 1):
+        parts.append(f"{s} + {size} = {s + size} ({k}/{groups})")
+        s += size
+    return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {s}.", s
+
+
+def divide_working(total, size):
+    """total / size by taking one group away at a time until nothing is left; "(3)" counts groups."""
+    parts, s, k = [], total, 0
+    while s > 0:
+        parts.append(f"{s} - {size} = {s - size} ({k + 1})")
+        s, k = s - size, k + 1
     return f"{total} / {size}: " + ", ".join(parts) + f", so {total} / {size} = {k}.", k
 
 
@@ -264,7 +277,7 @@ def make_problem(rng, family, steps=None):
                 f"{n} has {b} {obj}. {m} has {a} {obj}. How many more {obj} does {m} have than {n}?",
                 f"{n} has {a} {obj} and {m} has {b}. How many fewer {obj} does {m} have than {n}?",
                 f"{n} read {b} pages. {m} read {a} pages. How many more pages did {m} read?"])
-        work, ans = column_working(a, "-", b)
+        work, ans = column_working(a, "-", b)   # the bigger number first, whatever the question's order
         pairs.append((a, b))
     elif family == "groups":
         a, b = rng.randint(2, 9), rng.randint(2, 9)
@@ -273,7 +286,7 @@ def make_problem(rng, family, steps=None):
             f"There are {a} boxes. Each box holds {b} {obj}. How many {obj} are there in all?",
             f"{n} makes {a} piles of {b} {obj}. How many {obj} is that?",
             f"What is {a} x {b}?"])
-        work, ans = count_working(a, b)
+        work, ans = times_working(a, b)
         facts.append((a, b))
     elif family == "share":
         k, d = rng.randint(2, 9), rng.randint(2, 9)
@@ -282,7 +295,7 @@ def make_problem(rng, family, steps=None):
             f"{n} shares {t} {obj} equally among {d} friends. How many {obj} does each friend get?",
             f"{t} {obj} are put into {d} equal groups. How many {obj} are in each group?",
             f"{n} packs {t} {obj} into bags of {d}. How many bags does {n} fill?"])
-        work, ans = count_working(None, d, total=t)
+        work, ans = divide_working(t, d)
         facts.append((k, d))
     elif family == "sum":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
@@ -331,34 +344,23 @@ def is_training_allowed(p):
             and not any(is_held_out_fact(a, b) for a, b in p["facts"]))
 
 
+SPLITS = {   # split: (its families, the rule a problem must meet to belong to it)
+    "questions": (FAMILIES, lambda p: is_training_allowed(p)),
+    "combos": (["add", "take", "compare", "sum"], lambda p: any(is_held_out_combo(*q) for q in p["pairs"])),
+    "facts": (["groups", "share"], lambda p: any(is_held_out_fact(*f) for f in p["facts"])),
+    "steps4": (["multistep"], lambda p: True),
+}
+
+
 def make_split(split, n, seed):
-    """Held-out problems of one split, seeded. Training problems come from make_training_problems."""
-    rng = random.Random(f"{split}-{seed}")
-    out = []
+    """n held-out problems of one split, seeded, the split's families in equal shares."""
+    families, belongs = SPLITS[split]
+    rng, out = random.Random(f"{split}-{seed}"), []
     while len(out) < n:
-        family = FAMILIES[len(out) % len(FAMILIES)]
-        if split == "questions":
-            p = make_problem(rng, family)
-            if not is_training_allowed(p):
-                continue
-        elif split == "combos":
-            family = ["add", "take", "compare", "sum"][len(out) % 4]
-            p = make_problem(rng, family)
-            if not any(is_held_out_combo(a, b) for a, b in p["pairs"]):
-                continue
-        elif split == "facts":
-            p = make_problem(rng, ["groups", "share"][len(out) % 2])
-            if not any(is_held_out_fact(a, b) for a, b in p["facts"]):
-                continue
-        elif split == "steps4":
-            p = make_problem(rng, "multistep", steps=4)
-        else:
-            raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-        out.append(p)
+        p = make_problem(rng, families[len(out) % len(families)], steps=4 if split == "steps4" else None)
+        if belongs(p):
+            out.append(dict(p, split=split))
     return out
-
-
-SPLITS = ["questions", "combos", "facts", "steps4"]
 
 
 def make_training_problems(n, seed, exclude_questions):
@@ -440,15 +442,11 @@ class Config:
     fused_attention: bool = False   # F.scaled_dot_product_attention instead of the explicit math
 
     def check(self, max_params=2_000_000):
-        if self.n_head < 1 or self.n_embd < 1 or self.n_layer < 1 or self.block_size < 2:
-            raise UserError("--n-layer, --n-head and --n-embd must be at least 1, --block-size at least 2")
         if self.n_embd % self.n_head:
             good = [h for h in range(1, 17) if self.n_embd % h == 0]
-            near = min(good, key=lambda h: abs(h - self.n_head))
+            near = min(good, key=lambda h: (abs(h - self.n_head), -h))
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                             f"try --n-head {near}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
         n = sum(param_breakdown(self).values())
         if max_params and n > max_params:
             raise UserError(f"this model has {n:,} parameters, {n - max_params:,} over the ceiling of "
@@ -460,14 +458,13 @@ def param_breakdown(cfg):
     """Where the parameters go, without building the model (so a too-big model fails before any work)."""
     C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
     b = 1 if cfg.bias else 0
-    parts = {
+    return {
         "token embedding (tied with output head)": V * C,
         "position embedding": cfg.block_size * C,
         "attention (q, k, v, output)": L * (C * 3 * C + 3 * C * b + C * C + C * b),
         "feed-forward (MLP)": L * (C * 4 * C + 4 * C * b + 4 * C * C + C * b),
         "layer norms": L * 2 * (C + C * b) + (C + C * b),
     }
-    return parts
 
 
 def param_report(cfg):
@@ -659,7 +656,9 @@ def cached_ids(texts, tokenizer, cache_dir):
     parts = []
     for text in texts:
         for i in range(0, len(text), 1 << 22):   # 4M characters at a time keeps memory flat
-            parts.append(np.array(tokenizer.encode(text[i:i + (1 << 22)]), dtype=dtype))
+            chunk = text[i:i + (1 << 22)]
+            ids = tokenizer.encode_array(chunk) if isinstance(tokenizer, CharTokenizer) else tokenizer.encode(chunk)
+            parts.append(np.asarray(ids, dtype=dtype))
         parts.append(np.array([tokenizer.end_id], dtype=dtype))
     ids = np.concatenate(parts)
     os.makedirs(cache_dir, exist_ok=True)
@@ -673,12 +672,11 @@ def corpus_arrays(problems, tokenizer, direct=False):
     """Token ids, loss mask and start offsets of the problems, one after another, END after each."""
     prompts, completions = zip(*(problem_text(p, direct) for p in problems))
     p_ids, c_ids = encode_many(tokenizer, list(prompts)), encode_many(tokenizer, list(completions))
-    ids, mask, starts = [], [], []
-    for p, c in zip(p_ids, c_ids):
-        starts.append(len(ids))
-        ids += p + c + [tokenizer.end_id]
-        mask += [0] * len(p) + [1] * (len(c) + 1)
-    return np.array(ids, dtype=np.int64), np.array(mask, dtype=np.uint8), np.array(starts, dtype=np.int64)
+    ids = np.fromiter((t for p, c in zip(p_ids, c_ids) for t in (*p, *c, tokenizer.end_id)), dtype=np.int32)
+    lengths = np.array([(len(p), len(c) + 1) for p, c in zip(p_ids, c_ids)]).ravel()   # prompt, answer, ...
+    mask = np.repeat(np.tile(np.array([0, 1], dtype=np.uint8), len(p_ids)), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1, 2).sum(1))[:-1]])
+    return ids, mask, starts
 
 
 def get_batch(data, batch_size, block_size, gen, device):
@@ -728,21 +726,17 @@ def pick_device(name):
 
 def pick_dtype(name, device):
     """bf16 autocast where it is supported and faster, else fp32. On CPU, a quick matmul race decides."""
-    if name != "auto":
-        return name
+    if name != "auto" or device not in ("cpu", "cuda"):
+        return "fp32" if name == "auto" else name
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device != "cpu":
-        return "fp32"
-    a, b = torch.randn(1024, 192), torch.randn(192, 768)
     speed = {}
     for dt in (torch.float32, torch.bfloat16):
-        x, y = a.to(dt), b.to(dt)
-        for _ in range(2):
-            x @ y
+        a, b = torch.randn(1024, 192, dtype=dt), torch.randn(192, 768, dtype=dt)
+        a @ b
         t = time.perf_counter()
         for _ in range(10):
-            x @ y
+            a @ b
         speed[dt] = time.perf_counter() - t
     return "bf16" if speed[torch.bfloat16] < 0.8 * speed[torch.float32] else "fp32"
 
@@ -782,6 +776,10 @@ def save_checkpoint(path, state):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def best_path(path):
+    return os.path.splitext(path)[0] + ".best.pt"
 
 
 def load_checkpoint(path):
@@ -829,22 +827,25 @@ def model_from_checkpoint(ck, path="checkpoint"):
 @dataclass
 class TrainSettings:
     out: str = "checkpoints/tinyllm.pt"
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.1
     warmup: float = 0.03           # share of the run spent warming up
     max_iters: int = 1_000_000
-    max_minutes: float = 10.0
+    max_minutes: float = 9.5
     eval_interval: int = 250
     eval_iters: int = 20
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    stop_after: int = 0            # stop (resumably) after this many steps, as if interrupted
 
 
-def estimate_loss(model, splits, s, device, dtype, gen):
+def estimate_loss(model, splits, s, device, dtype):
+    """Mean loss on the same eval_iters batches of each split every time (their own fixed seed)."""
+    gen = torch.Generator().manual_seed(s.seed)
     model.eval()
     out = {}
     with torch.no_grad(), autocast(device, dtype):
@@ -856,7 +857,7 @@ def estimate_loss(model, splits, s, device, dtype, gen):
     return out
 
 
-def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None, log=print):
+def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     """The training loop. `splits` maps "train"/"val" to data dicts; `meta` is saved in checkpoints.
     `probe(model)` (optional) returns a line to print at each evaluation: a sample, or accuracy."""
     from tqdm import tqdm
@@ -895,23 +896,27 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None, log=
     tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size
     bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
                dynamic_ncols=True, disable=None, file=sys.stderr)
-    t_last, steps_last, val_loss = time.perf_counter(), step, None
-    start = time.perf_counter() - elapsed
+    start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
     try:
         while True:
             progress = max(step / s.max_iters, elapsed / budget)
+            if s.stop_after and step >= s.stop_after:
+                stop["asked"] = True
             last = progress >= 1.0 or stop["asked"]
             if step % s.eval_interval == 0 or last:
-                losses = estimate_loss(model, splits, s, device, dtype, gen)
+                losses = estimate_loss(model, splits, s, device, dtype)
                 val_loss = losses.get("val", losses["train"])
+                if not math.isfinite(val_loss):
+                    raise UserError(f"the validation loss is {val_loss} at step {step}: training diverged; "
+                                    f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
                 line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
                 if probe is not None:
                     line += ", " + probe(model)
-                bar.write(line) if bar.disable is False else log(line)
+                tqdm.write(line)
                 if step > 0 or resume_state is not None:
                     if val_loss < best_val:
                         best_val = val_loss
-                        checkpoint(s.out.replace(".pt", "") + ".best.pt", val_loss)
+                        checkpoint(best_path(s.out), val_loss)
                     checkpoint(s.out, val_loss)
             if last:
                 break
@@ -928,11 +933,11 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None, log=
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - start
+            lossf = loss.item()
+            if not math.isfinite(lossf):
+                raise UserError(f"the loss became {lossf} at step {step}: training diverged; "
+                                f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
             if step % 10 == 0:
-                lossf = loss.item()
-                if not math.isfinite(lossf):
-                    raise UserError(f"the loss became {lossf} at step {step}: training diverged; "
-                                    f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
                 now = time.perf_counter()
                 tok_s = (step - steps_last) * tokens_per_step / (now - t_last)
                 t_last, steps_last = now, step
@@ -1068,21 +1073,16 @@ def wilson(k, n, z=1.96):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def ask(model, tokenizer, questions, max_new_tokens=256, batch_size=200, temperature=0.0, gen=None,
-        dtype="fp32"):
-    """Replies to a list of questions, generated in batches with the KV cache."""
+def ask(model, tokenizer, questions, batch_size=200, temperature=0.0, gen=None, dtype="fp32"):
+    """Replies to questions, generated in batches (similar lengths together) with the KV cache."""
     prompts = encode_many(tokenizer, [f"Q: {q}\nA:" for q in questions])
-    max_new = min(max_new_tokens, model.cfg.block_size - 1)
-    replies = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths pad less
-    by_index = {}
+    order, replies = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [None] * len(prompts)
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
-        outs = generate(model, [prompts[j] for j in chunk], max_new, tokenizer.end_id,
+        outs = generate(model, [prompts[j] for j in chunk], min(256, model.cfg.block_size), tokenizer.end_id,
                         temperature=temperature, gen=gen, dtype=dtype)
         for j, o in zip(chunk, outs):
-            by_index[j] = tokenizer.decode(o)
-    replies = [by_index[i] for i in range(len(prompts))]
+            replies[j] = tokenizer.decode(o)
     return replies
 
 
@@ -1175,11 +1175,6 @@ def read_questions(path):
 
 
 # -----------------------------------------------------------------------------------------------
-# A. Appendix: tools. Useful, not the lesson.
-# -----------------------------------------------------------------------------------------------
-
-
-# -----------------------------------------------------------------------------------------------
 # 9. The command line
 # Each subcommand parses its flags, checks them, and calls the plain functions above.
 # -----------------------------------------------------------------------------------------------
@@ -1231,7 +1226,8 @@ def cmd_train(a):
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
         thinking = meta["data"] is None
-        a.data, a.corpus_format = meta["data"], meta.get("corpus_format", "working")
+        a.data, a.corpus_format, a.corpus_size = meta["data"], meta["corpus_format"], meta["corpus_size"]
+        a.seed = meta["settings"]["seed"]
     if thinking:
         train_p, val_p = build_corpus(a.corpus_size, seed=a.seed, direct=a.corpus_format == "direct")
         texts = [''.join(problem_text(p, a.corpus_format == "direct")) for p in train_p[:20000]]
@@ -1248,10 +1244,10 @@ def cmd_train(a):
                      n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, fused_attention=a.fused_attention)
         cfg.check(a.max_params)
         model = GPT(cfg)
-        meta = {"data": a.data, "corpus_format": a.corpus_format, "tokenizer": a.tokenizer}
+        meta = {"data": a.data, "corpus_format": a.corpus_format, "corpus_size": a.corpus_size}
     cfg = model.cfg
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
-          f"{a.tokenizer} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
+          f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
     probe = None
     if thinking:
         direct = a.corpus_format == "direct"
@@ -1278,12 +1274,17 @@ def cmd_train(a):
             o = generate(m, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
                          dtype=dtype)
             return "sample: " + repr(tokenizer.decode(start + o[0]))
-    print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
-          f"batch {a.batch_size} x {cfg.block_size}, budget {a.max_iters:,} steps or {a.max_minutes:g} minutes")
     meta.update(device=device, dtype=dtype)
     s = TrainSettings(out=a.out, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup,
                       max_iters=a.max_iters, max_minutes=a.max_minutes, eval_interval=a.eval_interval,
-                      seed=a.seed, device=device, dtype=dtype, compile=a.compile)
+                      seed=a.seed, device=device, dtype=dtype, compile=a.compile, stop_after=a.stop_after)
+    if resume is not None:   # the run's own settings; the budgets and the device are today's
+        keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
+        s = TrainSettings(**{**meta["settings"], **{k: getattr(s, k) for k in keep}})
+    meta["settings"] = asdict(s)
+    print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
+          f"batch {s.batch_size} x {cfg.block_size}, lr {s.lr:g}, budget {s.max_iters:,} steps or "
+          f"{s.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, s, meta, resume_state=resume, probe=probe)
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
           f"tokens/s, val loss {r['val_loss']:.4f}; saved {a.out}")
@@ -1337,13 +1338,7 @@ def cmd_eval(a):
     if a.questions:
         problems = read_questions(a.questions)
     else:
-        splits = SPLITS if a.split == "all" else [a.split]
-        problems = []
-        for sp in splits:
-            ps = make_split(sp, a.n, seed=0)
-            for p in ps:
-                p["split"] = sp
-            problems += ps
+        problems = [p for sp in (SPLITS if a.split == "all" else [a.split]) for p in make_split(sp, a.n, seed=0)]
     t = time.perf_counter()
     s = evaluate(model, tokenizer, problems, votes=a.votes, temperature=a.temperature, seed=a.seed)
     s["seconds"] = round(time.perf_counter() - t, 1)
@@ -1389,20 +1384,23 @@ def build_parser():
     t.add_argument("--fused-attention", action="store_true", help="use F.scaled_dot_product_attention")
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
-    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), default=32)
+    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), default=16)
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
-    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=2e-3, help="peak learning rate")
+    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
     t.add_argument("--max-iters", type=positive(int, "--max-iters", 1), default=1_000_000, help="stop after this many steps")
-    t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0, lo_open=True), default=10.0,
-                   help="stop after this many minutes (the schedule follows whichever budget ends first)")
+    t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0), default=9.5,
+                   help="stop after this many minutes of training, 0 for no limit (the learning-rate "
+                        "schedule follows whichever budget, steps or minutes, ends first)")
+    t.add_argument("--stop-after", type=positive(int, "--stop-after", 0), default=0,
+                   help="stop after this many steps and save a resumable checkpoint, as Ctrl-C does")
     t.add_argument("--eval-interval", type=positive(int, "--eval-interval", 1), default=250)
     t.add_argument("--val-fraction", type=positive(float, "--val-fraction", 0, 0.5), default=0.1,
                    help="share of your text kept for validation (its end)")
     t.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where token ids of --data are cached")
     t.add_argument("--corpus-format", default="working", choices=["working", "direct"],
                    help="built-in corpus: with written working, or bare answers (the control)")
-    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100), default=300_000,
+    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100), default=200_000,
                    help="built-in corpus: number of training problems")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -1429,7 +1427,7 @@ def build_parser():
     e = sub.add_parser("eval", help="score a model on held-out word problems", formatter_class=fmt)
     e.add_argument("--checkpoint", default=DEFAULT_CKPT)
     e.add_argument("-n", type=positive(int, "-n", 1), default=1000, help="questions per split")
-    e.add_argument("--split", default="questions", choices=SPLITS + ["all"])
+    e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
     e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
     e.add_argument("--votes", type=positive(int, "--votes", 1), default=1, help="majority of K sampled replies")
     e.add_argument("--temperature", type=positive(float, "--temperature", 0, lo_open=True), default=0.8,

@@ -300,7 +300,7 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
                 "--out", ck, "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
-    assert os.path.exists(ck.replace(".pt", ".best.pt"))
+    assert os.path.exists(T.best_path(ck))
     g = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
                 "--temperature", "0.8", "--top-k", "5", "--seed", "1")
     assert g.returncode == 0 and g.stdout.startswith("The cat") and len(g.stdout) > len("The cat") + 5
@@ -383,3 +383,156 @@ def test_empty_prompt_and_unknown_characters(tmp_path):
     assert r.returncode == 0 and "only its end is used" in r.stderr
     r = run_cli("generate", "--checkpoint", path, "--prompt", "abc", "--max-new-tokens", "0")
     assert r.returncode == 0 and r.stdout == "abc\n"
+
+
+# reliability: resume, interruption, refusal of unsafe files -----------------------------------
+
+def small_train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+            "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--max-minutes", "0",
+            "--dtype", "fp32", "--dropout", "0.1", "--out", str(out), *extra]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("the rain in spain stays mainly in the plain. " * 40)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    assert run_cli(*small_train_args(data, one, "--max-iters", "20")).returncode == 0
+    r = run_cli(*small_train_args(data, two, "--max-iters", "20", "--stop-after", "10"))
+    assert r.returncode == 130 and "--resume" in r.stdout
+    assert torch.load(two, weights_only=True)["step"] == 10
+    r = run_cli("train", "--out", str(two), "--resume", "--max-iters", "20", "--max-minutes", "0")
+    assert r.returncode == 0, r.stderr
+    a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
+    import signal
+    import time
+    data = tmp_path / "d.txt"
+    data.write_text("the rain in spain stays mainly in the plain. " * 40)
+    out = tmp_path / "m.pt"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tinyllm.py"),
+                          *small_train_args(data, out, "--max-iters", "1000000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline:   # wait until training has really begun
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "--resume" in stdout and "Traceback" not in stderr
+    ck = T.load_checkpoint(str(out))
+    assert ck["step"] > 0
+    T.model_from_checkpoint(ck)
+
+
+def test_untrusted_checkpoint_cannot_run_code(tmp_path):
+    import pickle
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": T.CHECKPOINT_FORMAT, "payload": Evil()}, f)
+    with pytest.raises(T.UserError, match="not a loadable tinyllm checkpoint"):
+        T.load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_checkpoint_that_disagrees_with_its_config_is_refused(tmp_path):
+    tok = T.CharTokenizer("abc")
+    model = tiny_model(vocab_size=tok.vocab_size)
+    good = {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION, "config": T.asdict(model.cfg),
+            "tokenizer": tok.to_json(), "model": model.state_dict(), "step": 0, "best_val_loss": 1.0}
+    wrong_vocab = dict(good, config=dict(good["config"], vocab_size=99))
+    with pytest.raises(T.UserError, match="tokenizer has 4 tokens but its config says vocab_size=99"):
+        T.model_from_checkpoint(wrong_vocab)
+    missing = dict(good, model={k: v for k, v in good["model"].items() if "ln_f" not in k})
+    with pytest.raises(T.UserError, match="missing"):
+        T.model_from_checkpoint(missing)
+    wider = dict(good, config=dict(good["config"], n_embd=32))
+    with pytest.raises(T.UserError, match="wrong shape"):
+        T.model_from_checkpoint(wider)
+
+
+# property-based: arbitrary Unicode --------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_BPE = None
+
+
+def bpe():
+    global _BPE
+    if _BPE is None:
+        _BPE = T.BPETokenizer.train([TEXT, "What is 347 + 285?"] * 10, vocab_size=300)
+    return _BPE
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_roundtrip_any_unicode(text):
+    tok = T.CharTokenizer(set(text) | {"a"})
+    assert tok.decode(tok.encode(text)) == text
+    assert bpe().decode(bpe().encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(min_size=1))
+def test_prompt_handling_never_crashes(text):
+    tok = T.CharTokenizer("abcdefghijklmnopqrstuvwxyz \n")
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=16)
+    try:
+        ids = tok.encode(text)
+    except T.UserError as e:   # unknown characters are reported by name
+        unknown = sorted(set(text) - set(tok.chars))
+        assert repr(unknown[0]) in str(e)
+        return
+    if ids:
+        out = T.generate(model, [ids], 5, end_id=tok.end_id, temperature=0.0)
+        assert len(out[0]) <= 5
+
+
+def test_a_failing_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    tok = T.CharTokenizer("abc")
+    model = tiny_model(vocab_size=tok.vocab_size)
+    state = {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION, "config": T.asdict(model.cfg),
+             "tokenizer": tok.to_json(), "model": model.state_dict(), "step": 1, "best_val_loss": 1.0}
+    path = str(tmp_path / "m.pt")
+    T.save_checkpoint(path, state)
+
+    def broken_save(obj, f):   # write half a file, then fail like a full disk would
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(T.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        T.save_checkpoint(path, dict(state, step=2))
+    monkeypatch.undo()
+    assert T.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["m.pt"]
+
+
+def test_nan_loss_stops_with_the_step_and_advice(tmp_path):
+    tok = T.CharTokenizer(set(TEXT))
+    model = tiny_model(vocab_size=tok.vocab_size)
+    with torch.no_grad():
+        model.wte.weight[3, 0] = float("nan")
+    ids = T.cached_ids([TEXT * 3], tok, str(tmp_path))
+    s = T.TrainSettings(out=str(tmp_path / "m.pt"), batch_size=2, max_iters=5, max_minutes=0, eval_interval=2,
+                        eval_iters=1, dtype="fp32")
+    with pytest.raises(T.UserError, match=r"at step 0: training diverged; try a lower --lr"):
+        T.train(model, tok, {"train": {"ids": ids}}, s, {"device": "cpu", "dtype": "fp32"})
+    assert not os.path.exists(s.out)
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("train", "--out", str(tmp_path / "afile" / "m.pt"), "--max-iters", "1")
+    assert r.returncode == 2 and "cannot write checkpoints" in r.stderr and "step 0" not in r.stdout

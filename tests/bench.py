@@ -1,0 +1,113 @@
+"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick]`.
+
+Prints medians of several repeats: the matmul peaks (fp32, bf16), training tokens/s and model FLOPs
+utilisation (MFU) of the fast path against a plain fp32 eager path, generation with and without the
+KV cache, tokenizer speed, and the peak memory of a training run on a big file. A benchmark prints
+numbers; the tests never time anything."""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import tinyllm as T  # noqa: E402
+
+
+def timed(fn, n, warm=2):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def train_speed(cfg, batch, dtype, peak, steps):
+    model = T.GPT(cfg)
+    opt = T.make_optimizer(model, 1e-3, 0.1, "cpu")
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+
+    def step():
+        with T.autocast("cpu", dtype):
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tok_s = batch * cfg.block_size / timed(step, steps)
+    n = sum(p.numel() for p in model.parameters())
+    flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size   # per token, forward + backward
+    return tok_s, flops * tok_s / (peak[dtype] * 1e9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="smaller measurements, for a smoke test")
+    a = ap.parse_args()
+    r = a.repeats
+    print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of {r} repeats")
+
+    peak = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = torch.randn(4096, 192, dtype=dt), torch.randn(192, 768, dtype=dt)
+        peak[name] = 2 * 4096 * 192 * 768 / timed(lambda: x @ y, r) / 1e9
+    fast = T.pick_dtype("auto", "cpu")
+    print(f"matmul (4096x192)@(192x768): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s; "
+          f"the fast path uses {fast}")
+
+    print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
+    shapes = [("thinking default (6x160, block 320, batch 16)", T.Config(vocab_size=101), 16),
+              ("reference (6x160, block 128, batch 32)", T.Config(vocab_size=83, block_size=128), 32)]
+    steps = 3 if a.quick else r
+    for label, cfg, batch in shapes:
+        plain = train_speed(T.Config(**{**T.asdict(cfg), "fused_attention": True}), batch, "fp32", peak, steps)
+        quick = train_speed(cfg, batch, fast, peak, steps)
+        print(f"| {label} | plain fp32 eager, fused attention | {plain[0]:,.0f} | {100 * plain[1]:.1f}% | 1.00x |")
+        print(f"| {label} | fast: {fast} autocast, explicit attention | {quick[0]:,.0f} | {100 * quick[1]:.1f}% "
+              f"| {quick[0] / plain[0]:.2f}x |")
+
+    print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n| --- | --- | --- | --- |")
+    model = T.GPT(T.Config(vocab_size=101)).eval()
+    for plen in ([32, 192] if a.quick else [32, 128, 192]):
+        prompt = [list(range(1, plen + 1))]
+        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c), max(1, r // 2), warm=1)
+                  for c in (False, True)]
+        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[1] / speeds[0]:.1f}x |")
+
+    problems = T.make_training_problems(2000, 0, set())
+    text = "".join("".join(T.problem_text(p)) + "\n\n" for p in problems)
+    text = text * max(1, (4 if a.quick else 32) * 2 ** 20 // len(text))
+    mb = len(text.encode()) / 2 ** 20
+    char = T.CharTokenizer(set(text))
+    bpe = T.BPETokenizer.train([text[:2_000_000]], 512)
+    lines = text.split("\n")
+    t_char = timed(lambda: char.encode_array(text), 3, warm=1)
+    t_bpe = timed(lambda: bpe.encode_batch(lines), 1, warm=0)
+    print(f"\ntokenizing {mb:.0f} MB: char {mb / t_char:,.0f} MB/s, bpe (batch encoder) {mb / t_bpe:,.1f} MB/s")
+
+    with tempfile.TemporaryDirectory() as d:   # peak memory of a real training run, in a child process
+        path = os.path.join(d, "big.txt")
+        with open(path, "w") as f:
+            for _ in range(3 if a.quick else 25):
+                f.write(text[:4 * 2 ** 20])
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), "train", "--data", path,
+                            "--max-iters", "5", "--eval-interval", "5", "--out", os.path.join(d, "m.pt"),
+                            "--cache-dir", d], capture_output=True, text=True)
+        if p.returncode:
+            print(p.stderr)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # ru_maxrss is in KiB on Linux
+        print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {rss:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
