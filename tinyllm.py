@@ -67,7 +67,6 @@ class CharTokenizer:
         self.end_id = 0
         # encoding is vectorised: a sorted array of code points, searched with np.searchsorted
         self._codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        self._lookup = np.array([END] + self.chars, dtype=object)
 
     def encode(self, text):
         return self.encode_array(text).tolist()
@@ -576,19 +575,17 @@ class GPT(nn.Module):
             mask = self.causal[past:past + T, :past + T].unsqueeze(0).unsqueeze(0)  # (1, 1, T, T_total)
         else:
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)[:, past:past + T]      # (B, T)
-            mask = self.causal[past:past + T, :past + T].unsqueeze(0) & valid[:, None, :past + T]
-            # a padding query may see only itself (a row with nothing to attend to would give NaN)
-            own = torch.arange(past + T, device=idx.device)[None, :] == torch.arange(past, past + T, device=idx.device)[:, None]
-            mask = (mask | own).unsqueeze(1)                                            # (B, 1, T, T_total)
+            # a padding query may see itself (a row with nothing at all to attend to would give NaN)
+            own = torch.eye(past + T, dtype=torch.bool, device=idx.device)[past:]          # (T, T_total)
+            mask = ((self.causal[past:past + T, :past + T] & valid[:, None, :past + T]) | own).unsqueeze(1)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.cfg.block_size}")
         x = self.drop(self.wte(idx) + self.wpe(pos))   # (B, T, n_embd)
         for i, block in enumerate(self.h):
             x = block(x, mask, caches[i] if caches is not None else None)
-        x = self.ln_f(x)
+        logits = self.lm_head(self.ln_f(x))            # (B, T, vocab_size)
         if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)                        # (B, T, vocab_size)
+            return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="none")
         if loss_mask is None:
             return logits, loss.mean()
@@ -1258,7 +1255,9 @@ def cmd_train(a):
         sample = make_split("questions", 60, seed=20_000)
 
         def probe(m):
-            return f"held-out accuracy {100 * evaluate(m, tokenizer, sample, dtype=dtype)['accuracy']:.0f}% (60 questions)"
+            r = evaluate(m, tokenizer, sample, dtype=dtype)
+            reply = ask(m, tokenizer, [sample[0]["question"]], dtype=dtype)[0].replace("\n", " ")
+            return f"held-out accuracy {100 * r['accuracy']:.0f}% (60 questions)\n  Q: {sample[0]['question']}\n  A:{reply}"
     else:
         ids = cached_ids(texts, tokenizer, a.cache_dir)
         n_val = int(len(ids) * a.val_fraction)

@@ -536,3 +536,13 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path):
     (tmp_path / "afile").write_text("x")
     r = run_cli("train", "--out", str(tmp_path / "afile" / "m.pt"), "--max-iters", "1")
     assert r.returncode == 2 and "cannot write checkpoints" in r.stderr and "step 0" not in r.stdout
+
+
+def test_huge_single_line_and_mixed_line_endings(tmp_path):
+    p = tmp_path / "big.txt"
+    p.write_bytes(("word " * 1_000_000).encode() + b"a\r\nb\rc\nd")
+    (text,) = T.read_text_files([str(p)])
+    assert text.endswith("a\nb\nc\nd") and len(text) == 5_000_007
+    tok = T.CharTokenizer(set(text))
+    ids = T.cached_ids([text], tok, str(tmp_path / "cache"))
+    assert len(ids) == len(text) + 1 and tok.decode(ids[-8:].tolist()) == "a\nb\nc\nd" + T.END
