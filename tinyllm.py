@@ -989,7 +989,8 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     Prompts of different lengths are left-padded and masked, so one batch serves them all. With the
     cache, the prompts run through the model once and then one token per step; without it, the
     whole context runs every step (slow, but it is the definition: tests check they agree)."""
-    model.eval()
+    was_training = model.training
+    model.eval()   # no dropout while generating; the caller's mode comes back at the end
     device = next(model.parameters()).device
     B, bs = len(prompts), model.cfg.block_size
     pad = 0 if end_id is None else end_id
@@ -1026,6 +1027,7 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
             break
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    model.train(was_training)
     return [[t for t in o if t != end_id] if end_id is not None else o for o in out]
 
 
@@ -1331,13 +1333,13 @@ def cmd_generate(a):
 
 
 def cmd_eval(a):
-    ck = load_checkpoint(a.checkpoint)
-    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
-    model.to(pick_device(a.device))
     if a.questions:
         problems = read_questions(a.questions)
     else:
         problems = [p for sp in (SPLITS if a.split == "all" else [a.split]) for p in make_split(sp, a.n, seed=0)]
+    ck = load_checkpoint(a.checkpoint)
+    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+    model.to(pick_device(a.device))
     t = time.perf_counter()
     s = evaluate(model, tokenizer, problems, votes=a.votes, temperature=a.temperature, seed=a.seed)
     s["seconds"] = round(time.perf_counter() - t, 1)
