@@ -633,7 +633,9 @@ def read_text_files(paths):
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(f"{f} is not UTF-8 (bad byte at offset {e.start}): re-save it as UTF-8")
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        del raw   # a big file should not be held twice
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         if text.strip():
             texts.append(text)
     if not texts:
@@ -643,24 +645,31 @@ def read_text_files(paths):
 
 def cached_ids(texts, tokenizer, cache_dir):
     """Token ids of the texts joined by END, cached on disk by a hash of the text and the tokenizer."""
+    step = 1 << 22   # 4M characters at a time keeps memory flat
     h = zlib.crc32(tokenizer.to_json().encode())
     for t in texts:
-        h = zlib.crc32(t.encode(), h)
+        for i in range(0, len(t), step):
+            h = zlib.crc32(t[i:i + step].encode(), h)
     path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.npy")
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     parts = []
     for text in texts:
-        for i in range(0, len(text), 1 << 22):   # 4M characters at a time keeps memory flat
-            chunk = text[i:i + (1 << 22)]
+        for i in range(0, len(text), step):
+            chunk = text[i:i + step]
             ids = tokenizer.encode_array(chunk) if isinstance(tokenizer, CharTokenizer) else tokenizer.encode(chunk)
             parts.append(np.asarray(ids, dtype=dtype))
         parts.append(np.array([tokenizer.end_id], dtype=dtype))
-    ids = np.concatenate(parts)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npy"
-    np.save(tmp, ids)
+    ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(sum(map(len, parts)),))
+    at = 0
+    for p in parts:   # copy part by part: no second full-size array in memory
+        ids[at:at + len(p)] = p
+        at += len(p)
+    ids.flush()
+    del ids
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
 
@@ -1262,6 +1271,7 @@ def cmd_train(a):
             return f"held-out accuracy {100 * r['accuracy']:.0f}% (60 questions)\n  Q: {sample[0]['question']}\n  A:{reply}"
     else:
         ids = cached_ids(texts, tokenizer, a.cache_dir)
+        del texts   # from here on the memory-mapped ids are all we need
         n_val = int(len(ids) * a.val_fraction)
         if len(ids) - n_val < cfg.block_size + 2 or (n_val and n_val < cfg.block_size + 2):
             raise UserError(f"the data has {len(ids):,} tokens: too short for --block-size {cfg.block_size} "

@@ -7,7 +7,6 @@ numbers; the tests never time anything."""
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -100,13 +99,20 @@ def main():
         with open(path, "w") as f:
             for _ in range(3 if a.quick else 25):
                 f.write(text[:4 * 2 ** 20])
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), "train", "--data", path,
-                            "--max-iters", "5", "--eval-interval", "5", "--out", os.path.join(d, "m.pt"),
-                            "--cache-dir", d], capture_output=True, text=True)
-        if p.returncode:
-            print(p.stderr)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # ru_maxrss is in KiB on Linux
-        print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {rss:,.0f} MiB")
+        # the child reports its own high-water mark (VmHWM): ru_maxrss of a child would also count
+        # this process's memory, which the child shares until it starts Python afresh
+        args = ["train", "--data", path, "--max-iters", "5", "--eval-interval", "5",
+                "--out", os.path.join(d, "m.pt"), "--cache-dir", d]
+        code = ("import runpy, sys\nsys.argv = [%r] + %r\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                "finally:\n    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+                % (os.path.join(ROOT, "tinyllm.py"), args))
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        hwm = [l for l in p.stdout.splitlines() if l.startswith("VmHWM")]
+        if p.returncode or not hwm:
+            print(p.stdout[-2000:], p.stderr[-2000:])
+        else:
+            mib = int(hwm[0].split()[1]) / 1024
+            print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {mib:,.0f} MiB")
 
 
 if __name__ == "__main__":
