@@ -20,7 +20,7 @@ Map of the file:
     5. training            AdamW groups, warm-up + cosine schedule, the loop, checkpoints
     6. sampling            temperature, top-k, top-p, repetition penalty, the KV cache
     7. evaluation          asking questions, reading `Answer: N`, checking the working
-    9. the command line    argparse subcommands that call the sections above
+    8. the command line    argparse subcommands that call the sections above
 """
 
 import argparse
@@ -164,7 +164,8 @@ def encode_many(tokenizer, texts):
 # 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides when to stop by
 # looking at the step it just wrote, not at a number far back in the question.
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22 + 9."), then works
-# one step at a time: a small model finds "the next number" far more reliably than "the third one".
+# one step at a time. Copying the whole chain is easy for the model; finding the number of each later
+# step in it is the hardest thing it learns here (the README shows how often it fails).
 # The working never names people or objects, so any names and objects in a question work.
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
@@ -1183,7 +1184,7 @@ def read_questions(path):
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. The command line
+# 8. The command line
 # Each subcommand parses its flags, checks them, and calls the plain functions above.
 # -----------------------------------------------------------------------------------------------
 
