@@ -1257,14 +1257,13 @@ def cmd_train(a):
     cfg = model.cfg
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
           f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
-    probe = None
     if thinking:
         direct = a.corpus_format == "direct"
         ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
         v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
         splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
                   "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
-        sample = make_split("questions", 60, seed=20_000)
+        sample = val_p[:60]   # validation problems: never in the training set
 
         def probe(m):
             r = evaluate(m, tokenizer, sample, dtype=dtype)
