@@ -303,7 +303,7 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     ck = str(tmp_path / "ck" / "m.pt")
     r = run_cli("train", "--data", str(data), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
                 "--block-size", "32", "--batch-size", "8", "--max-iters", "30", "--eval-interval", "15",
-                "--out", ck, "--dtype", "fp32")
+                "--out", ck, "--dtype", "fp32", "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
     assert os.path.exists(T.best_path(ck))
@@ -317,7 +317,8 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     assert i.returncode == 0 and "step 30" in i.stdout and "char, " in i.stdout
     again = run_cli("train", "--data", str(data), "--out", ck)
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
-    res = run_cli("train", "--out", ck, "--resume", "--max-iters", "40", "--eval-interval", "10")
+    res = run_cli("train", "--out", ck, "--resume", "--max-iters", "40", "--eval-interval", "10",
+                  "--cache-dir", str(tmp_path / "cache"))
     assert res.returncode == 0, res.stderr
     assert "step 40" in res.stdout and "step 10:" not in res.stdout
 
@@ -396,7 +397,7 @@ def test_empty_prompt_and_unknown_characters(tmp_path):
 def small_train_args(data, out, *extra):
     return ["train", "--data", str(data), "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
             "--block-size", "32", "--batch-size", "4", "--eval-interval", "5", "--max-minutes", "0",
-            "--dtype", "fp32", "--dropout", "0.1", "--out", str(out), *extra]
+            "--dtype", "fp32", "--dropout", "0.1", "--out", str(out), "--cache-dir", str(out) + ".cache", *extra]
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -407,7 +408,8 @@ def test_resume_is_bit_identical(tmp_path):
     r = run_cli(*small_train_args(data, two, "--max-iters", "20", "--stop-after", "10"))
     assert r.returncode == 130 and "--resume" in r.stdout
     assert torch.load(two, weights_only=True)["step"] == 10
-    r = run_cli("train", "--out", str(two), "--resume", "--max-iters", "20", "--max-minutes", "0", "--dtype", "fp32")
+    r = run_cli("train", "--out", str(two), "--resume", "--max-iters", "20", "--max-minutes", "0", "--dtype", "fp32",
+                "--cache-dir", str(two) + ".cache")
     assert r.returncode == 0, r.stderr
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert a["step"] == b["step"] == 20
