@@ -345,7 +345,7 @@ def is_training_allowed(p):
 
 
 SPLITS = {   # split: (its families, the rule a problem must meet to belong to it)
-    "questions": (FAMILIES, lambda p: is_training_allowed(p)),
+    "questions": (FAMILIES, is_training_allowed),
     "combos": (["add", "take", "compare", "sum"], lambda p: any(is_held_out_combo(*q) for q in p["pairs"])),
     "facts": (["groups", "share"], lambda p: any(is_held_out_fact(*f) for f in p["facts"])),
     "steps4": (["multistep"], lambda p: True),
