@@ -1266,9 +1266,10 @@ def cmd_train(a):
         sample = val_p[:60]   # validation problems: never in the training set
 
         def probe(m):
-            r = evaluate(m, tokenizer, sample, dtype=dtype)
-            reply = ask(m, tokenizer, [sample[0]["question"]], dtype=dtype)[0].replace("\n", " ")
-            return f"held-out accuracy {100 * r['accuracy']:.0f}% (60 questions)\n  Q: {sample[0]['question']}\n  A:{reply}"
+            replies = ask(m, tokenizer, [p["question"] for p in sample], dtype=dtype)
+            right = sum(score_reply(r, p["answer"])["correct"] for r, p in zip(replies, sample))
+            return (f"held-out accuracy {100 * right / len(sample):.0f}% ({len(sample)} questions)\n"
+                    f"  Q: {sample[0]['question']}\n  A:{replies[0].replace(chr(10), ' ')}")
     else:
         ids = cached_ids(texts, tokenizer, a.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need

@@ -21,6 +21,12 @@ def tiny_model(vocab_size=40, block_size=32, seed=0, **kw):
     return T.GPT(cfg).eval()
 
 
+def checkpoint_state(model, tok, **extra):
+    """The plain dict that training saves, for a model made in a test."""
+    return {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION, "config": T.asdict(model.cfg),
+            "tokenizer": tok.to_json(), "model": model.state_dict(), "step": 0, "best_val_loss": 1.0, **extra}
+
+
 def run_cli(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -201,9 +207,7 @@ def test_save_load_gives_identical_logits(tmp_path):
     tok = T.CharTokenizer(set(TEXT))
     model = tiny_model(vocab_size=tok.vocab_size)
     path = str(tmp_path / "m.pt")
-    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION,
-                             "config": T.asdict(model.cfg), "tokenizer": tok.to_json(),
-                             "model": model.state_dict(), "step": 0, "best_val_loss": 1.0})
+    T.save_checkpoint(path, checkpoint_state(model, tok))
     again, tok2 = T.model_from_checkpoint(T.load_checkpoint(path), path)
     x = torch.tensor([tok.encode(TEXT[:30])])
     assert torch.equal(model(x)[0], again.eval()(x)[0])
@@ -379,9 +383,7 @@ def test_empty_prompt_and_unknown_characters(tmp_path):
     tok = T.CharTokenizer(set("abc \n"))
     model = tiny_model(vocab_size=tok.vocab_size)
     path = str(tmp_path / "m.pt")
-    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION,
-                             "config": T.asdict(model.cfg), "tokenizer": tok.to_json(),
-                             "model": model.state_dict(), "step": 0, "best_val_loss": 1.0})
+    T.save_checkpoint(path, checkpoint_state(model, tok))
     r = run_cli("generate", "--checkpoint", path, "--prompt", "  ")
     assert r.returncode == 2 and "prompt is empty" in r.stderr
     r = run_cli("generate", "--checkpoint", path, "--prompt", "abc xyz")
@@ -457,8 +459,7 @@ def test_untrusted_checkpoint_cannot_run_code(tmp_path):
 def test_checkpoint_that_disagrees_with_its_config_is_refused(tmp_path):
     tok = T.CharTokenizer("abc")
     model = tiny_model(vocab_size=tok.vocab_size)
-    good = {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION, "config": T.asdict(model.cfg),
-            "tokenizer": tok.to_json(), "model": model.state_dict(), "step": 0, "best_val_loss": 1.0}
+    good = checkpoint_state(model, tok)
     wrong_vocab = dict(good, config=dict(good["config"], vocab_size=99))
     with pytest.raises(T.UserError, match="tokenizer has 4 tokens but its config says vocab_size=99"):
         T.model_from_checkpoint(wrong_vocab)
@@ -511,8 +512,7 @@ def test_prompt_handling_never_crashes(text):
 def test_a_failing_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     tok = T.CharTokenizer("abc")
     model = tiny_model(vocab_size=tok.vocab_size)
-    state = {"format": T.CHECKPOINT_FORMAT, "version": T.CHECKPOINT_VERSION, "config": T.asdict(model.cfg),
-             "tokenizer": tok.to_json(), "model": model.state_dict(), "step": 1, "best_val_loss": 1.0}
+    state = checkpoint_state(model, tok, step=1)
     path = str(tmp_path / "m.pt")
     T.save_checkpoint(path, state)
 
