@@ -20,7 +20,9 @@ Map of the file:
     5. training            AdamW groups, warm-up + cosine schedule, the loop, checkpoints
     6. sampling            temperature, top-k, top-p, repetition penalty, the KV cache
     7. evaluation          asking questions, reading `Answer: N`, checking the working
-    8. the command line    argparse subcommands that call the sections above
+    8. appendix: tools     training log and plot, token probabilities, attention maps, chat,
+                           int8, export to ONNX and Hugging Face, torchrun (not part of the lesson)
+    9. the command line    argparse subcommands that call the sections above
 """
 
 import argparse
@@ -696,10 +698,8 @@ def get_batch(data, batch_size, block_size, gen, device):
         ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen).numpy()
     x = torch.from_numpy(np.stack([np.asarray(ids[i:i + block_size], dtype=np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([np.asarray(ids[i + 1:i + 1 + block_size], dtype=np.int64) for i in ix]))
-    m = None
-    if data.get("mask") is not None:
-        m = torch.from_numpy(np.stack([data["mask"][i + 1:i + 1 + block_size] for i in ix]))
-        m = m.to(device)
+    m = data.get("mask")   # the loss mask of the targets, if the data has one
+    m = None if m is None else torch.from_numpy(np.stack([m[i + 1:i + 1 + block_size] for i in ix])).to(device)
     return x.to(device), y.to(device), m
 
 
@@ -789,6 +789,10 @@ def best_path(path):
     return os.path.splitext(path)[0] + ".best.pt"
 
 
+def log_path(path):   # one JSON line per evaluation, beside the checkpoint
+    return os.path.splitext(path)[0] + ".log.jsonl"
+
+
 def load_checkpoint(path):
     """Load and check a checkpoint. weights_only=True: a file that tries to run code is refused."""
     if not os.path.exists(path):
@@ -866,21 +870,24 @@ def estimate_loss(model, splits, s, device, dtype):
 
 def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     """The training loop. `splits` maps "train"/"val" to data dicts; `meta` is saved in checkpoints.
-    `probe(model)` (optional) returns a line to print at each evaluation: a sample, or accuracy."""
+    `probe(model)` (optional) returns (a line to print at each evaluation, an accuracy or None)."""
     from tqdm import tqdm
     device, dtype = meta["device"], meta["dtype"]
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()   # torchrun
+    rank = torch.distributed.get_rank() if ddp else 0
     model.to(device)
     optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
-    gen = torch.Generator().manual_seed(s.seed)      # batches come from here: saved, so resume is exact
-    torch.manual_seed(s.seed)                         # dropout
-    step, elapsed, best_val = 0, 0.0, float("inf")
+    gen = torch.Generator().manual_seed(s.seed + rank)   # batches come from here (each rank its own)
+    torch.manual_seed(s.seed)                            # dropout
+    step, elapsed, best_val, history = 0, 0.0, float("inf"), []
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         step, elapsed = resume_state["step"], resume_state.get("elapsed", 0.0)
         best_val = resume_state.get("best_val_loss", best_val)
-        gen.set_state(resume_state["rng"]["batches"])
+        gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(s.seed + rank + step)
         torch.set_rng_state(resume_state["rng"]["torch"])
-    fwd = torch.compile(model) if s.compile else model
+    fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
+    fwd = torch.compile(fwd) if s.compile else fwd
     budget = s.max_minutes * 60 if s.max_minutes else float("inf")
 
     def checkpoint(path, val_loss):
@@ -900,26 +907,39 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
         stop["asked"] = True
 
     old_handler = signal.signal(signal.SIGINT, on_sigint)
-    tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size
+    tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size   # per rank
+    world = torch.distributed.get_world_size() if ddp else 1
     bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
-               dynamic_ncols=True, disable=None, file=sys.stderr)
+               dynamic_ncols=True, disable=True if rank else None, file=sys.stderr)
     start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
+    at_eval = (step, elapsed)
     try:
         while True:
             progress = max(step / s.max_iters, elapsed / budget)
             if s.stop_after and step >= s.stop_after:
                 stop["asked"] = True
+            if ddp:   # torchrun: every rank follows rank 0's clock and its Ctrl-C
+                flags = torch.tensor([progress, float(stop["asked"])], dtype=torch.float64, device=device)
+                torch.distributed.broadcast(flags, 0)
+                progress, stop["asked"] = flags[0].item(), bool(flags[1].item())
             last = progress >= 1.0 or stop["asked"]
-            if step % s.eval_interval == 0 or last:
+            if (step % s.eval_interval == 0 or last) and rank == 0:
                 losses = estimate_loss(model, splits, s, device, dtype)
                 val_loss = losses.get("val", losses["train"])
                 if not math.isfinite(val_loss):
                     raise UserError(f"the validation loss is {val_loss} at step {step}: training diverged; "
                                     f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
-                line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}"
-                if probe is not None:
-                    line += ", " + probe(model)
-                tqdm.write(line)
+                history.append(val_loss)
+                line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} {sparkline(history)}"
+                text, accuracy = probe(model) if probe is not None else (None, None)
+                tqdm.write(line + (", " + text if text else ""))
+                row = {"step": step, "tokens": step * tokens_per_step * world, "train_loss": losses["train"],
+                       "val_loss": val_loss, "lr": lr_at(progress, s.lr, s.warmup), "elapsed": round(elapsed, 2),
+                       "tokens_per_s": round((step - at_eval[0]) * tokens_per_step * world /
+                                             max(elapsed - at_eval[1], 1e-9))}
+                at_eval = (step, elapsed)
+                with open(log_path(s.out), "a") as f:
+                    f.write(json.dumps({**row, **({"accuracy": accuracy} if accuracy is not None else {})}) + "\n")
                 if step > 0 or resume_state is not None:
                     if val_loss < best_val:
                         best_val = val_loss
@@ -953,8 +973,15 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old_handler)
+    if ddp:   # torchrun: prove the ranks ended with the same weights
+        w = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        ref = w.clone()
+        torch.distributed.broadcast(ref, 0)
+        diff = (w - ref).abs().max()
+        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        print(f"{world} ranks, largest weight difference from rank 0: {diff.item():g}")
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
-            "interrupted": stop["asked"], "tokens": step * tokens_per_step}
+            "interrupted": stop["asked"], "tokens": step * tokens_per_step * world}
 
 
 # Try this: train with --lr 1e-2 and watch the loss: too high a learning rate makes it jump and stall.
@@ -978,7 +1005,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, context=None, r
                                                         seen * repetition_penalty))
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=gen).squeeze(1)
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab_size) -> the probabilities sampling draws from, (B, vocab_size)."""
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -987,8 +1019,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, context=None, r
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p   # keep tokens until the mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p) / sorted_p.sum(-1, keepdim=True)
+    return probs
 
 
 @torch.no_grad()
@@ -1008,6 +1040,7 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     T = max(len(p) for p in prompts)
     idx = torch.tensor([[pad] * (T - len(p)) + p for p in prompts], device=device)           # (B, T)
     valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    padded = any(len(p) < T for p in prompts)   # without padding, the cheaper plain causal mask serves
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     caches, fed = None, 0   # fed: how many columns of idx the cache already holds
@@ -1019,17 +1052,17 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
             if use_cache:
                 if caches is None:
                     caches = [[] for _ in model.h]
-                logits, _ = model(idx[:, fed:], caches=caches, valid=valid)
+                logits, _ = model(idx[:, fed:], caches=caches, valid=valid if padded else None)
                 fed = idx.size(1)
             else:
-                logits, _ = model(idx, valid=valid)
+                logits, _ = model(idx, valid=valid if padded else None)
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, idx, repetition_penalty, gen)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         new = nxt.tolist()
         for b in range(B):
             if not done[b]:
                 out[b].append(new[b])
-                if on_token is not None and on_token(b, new[b]):   # the caller says: this row is finished
+                if on_token is not None and on_token(b, new[b], logits[b, -1]):   # True: this row is done
                     done[b] = True
         if end_id is not None:
             done |= nxt == end_id
@@ -1039,6 +1072,24 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
     model.train(was_training)
     return [[t for t in o if t != end_id] if end_id is not None else o for o in out]
+
+
+def streamer(tokenizer, stop=None):
+    """An on_token callback that prints text as it comes (BPE may need several tokens for a character)."""
+    shown, printed = [], [""]
+
+    def on_token(b, tok, logits):
+        if tok == tokenizer.end_id:
+            return True
+        shown.append(tok)
+        text = tokenizer.decode(shown)
+        if stop and stop in text:
+            text = text[:text.index(stop) + len(stop)]
+        if not text.endswith("\ufffd"):
+            print(text[len(printed[0]):], end="", flush=True)
+            printed[0] = text
+        return bool(stop) and stop in text
+    return on_token
 
 
 # Try this: generate with --temperature 1.5 and then 0.3: high temperature invents, low repeats.
@@ -1184,7 +1235,189 @@ def read_questions(path):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. The command line
+# 8. Appendix: tools beyond the lesson
+# Nothing here is needed to understand the model. A training log and its plot; a look inside (the
+# probabilities behind each token, one layer's attention); a chat loop; int8 inference; export to
+# ONNX and to Hugging Face's GPT-2 format; data-parallel training with torchrun (its few lines sit
+# in train() and cmd_train(), marked "torchrun"). Optional packages are imported inside each tool.
+# -----------------------------------------------------------------------------------------------
+
+def need(module, package):
+    """Import an optional package, or say how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"this needs the optional package {package}: pip install {package}")
+
+
+def sparkline(values):
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    return "".join(bars[round((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
+
+
+def read_log(path):
+    """The rows of a training log; a checkpoint's path reads the log beside it."""
+    path = log_path(path) if path.endswith(".pt") else path
+    if not os.path.exists(path):
+        raise UserError(f"no training log at {path}: give a checkpoint trained by this version, or its .log.jsonl")
+    with open(path, encoding="utf-8") as f:
+        try:
+            rows = [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not a tinyllm training log (not JSON Lines)")
+    if not rows or not all(isinstance(r, dict) and "tokens" in r and "val_loss" in r for r in rows):
+        raise UserError(f"{path} holds no training log rows")
+    return path, rows
+
+
+def plot_logs(paths, out):
+    """Train and validation loss against tokens seen, several runs on one chart; accuracy beside it."""
+    need("matplotlib", "matplotlib").use("Agg")   # draw to a file, no window needed
+    import matplotlib.pyplot as plt
+    runs = [read_log(p) for p in paths]
+    with_acc = any("accuracy" in r for _, rows in runs for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(12 if with_acc else 7, 4.5), squeeze=False)
+    for path, rows in runs:
+        name = os.path.basename(path).replace(".log.jsonl", "")
+        x = [r["tokens"] for r in rows]
+        line, = axes[0][0].plot(x, [r["val_loss"] for r in rows], label=f"{name} val")
+        axes[0][0].plot(x, [r["train_loss"] for r in rows], "--", color=line.get_color(), label=f"{name} train")
+        if with_acc:
+            acc = [(r["tokens"], 100 * r["accuracy"]) for r in rows if "accuracy" in r]
+            axes[0][1].plot(*zip(*acc) if acc else ([], []), marker=".", color=line.get_color(), label=name)
+    axes[0][0].set(xlabel="tokens seen", ylabel="loss", yscale="log", title="loss")
+    if with_acc:
+        axes[0][1].set(xlabel="tokens seen", ylabel="held-out accuracy (%)", ylim=(0, 100), title="accuracy")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def attention_maps(model, ids, layer):
+    """One layer's attention weights over ids, recomputed from that layer's input: (n_head, T, T)."""
+    seen = {}
+    attn = model.h[layer].attn
+    hook = attn.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+        hook.remove()
+        T, C = len(ids), model.cfg.n_embd
+        q, k, _ = attn.c_attn(seen["x"][0]).split(C, dim=1)                    # (T, C) each
+        q = q.view(T, attn.n_head, -1).transpose(0, 1)                          # (n_head, T, head_size)
+        k = k.view(T, attn.n_head, -1).transpose(0, 1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)           # (n_head, T, T)
+        return F.softmax(att.masked_fill(~model.causal[:T, :T], float("-inf")), dim=-1)
+
+
+def plot_attention(att, labels, layer, out):
+    need("matplotlib", "matplotlib").use("Agg")
+    import matplotlib.pyplot as plt
+    n = att.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 5.4), squeeze=False)
+    labels = [{"\n": "⏎", " ": "␣"}.get(t, t) for t in labels]
+    for h, ax in enumerate(axes[0]):
+        ax.imshow(att[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {layer}, head {h}")
+        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set(xlabel="looks at (key)", ylabel="position (query)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def quantize_int8(model):
+    """Dynamic int8 for CPU: linear weights stored as int8, activations quantized on the fly."""
+    import warnings
+    with warnings.catch_warnings():   # torch.ao.quantization says it is deprecated; 2.13 still has it
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model.float(), {nn.Linear}, dtype=torch.qint8)
+
+
+def export_onnx(model, out):
+    """token ids (batch, seq) -> logits (batch, seq, vocab_size), both axes dynamic."""
+    need("onnx", "onnx")
+    need("onnxscript", "onnxscript")
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    dim = {0: "batch", 1: "seq"}
+    model.eval()
+    torch.onnx.export(model, (idx,), out, input_names=["idx"], output_names=["logits"],
+                      dynamic_axes={"idx": dim, "logits": dim}, dynamo=True, verbose=False)
+    print(f"wrote {out} (input idx: int64 ids, shape (batch, seq <= {model.cfg.block_size}); output logits)")
+
+
+def export_hf(model, tokenizer, out):
+    """A folder that transformers loads as GPT-2. Our layout is GPT-2's: only the linear layers differ,
+    as GPT-2 stores them transposed (its Conv1D keeps (in, out))."""
+    tf = need("transformers", "transformers")
+    need("safetensors", "safetensors")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, Regex
+    cfg = model.cfg
+    conf = tf.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                         bos_token_id=tokenizer.end_id, eos_token_id=tokenizer.end_id, tie_word_embeddings=True)
+    hf = tf.GPT2LMHeadModel(conf)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k != "lm_head.weight":
+            sd["transformer." + k] = v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
+    for k, v in hf.state_dict().items():   # a model without biases (Config.bias) gets zeros
+        if k.startswith("transformer.") and k not in sd and k.endswith(".bias"):
+            sd[k] = torch.zeros_like(v)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or k.endswith("attn.bias") for k in missing), missing
+    hf.save_pretrained(out)
+    if isinstance(tokenizer, BPETokenizer):
+        tok = tokenizer.tok
+    else:   # one token per character: every character is its own word of a word-level vocabulary
+        tok = Tokenizer(models.WordLevel({END: 0, **{c: i + 1 for i, c in enumerate(tokenizer.chars)}}, unk_token=END))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END, bos_token=END,
+                               clean_up_tokenization_spaces=False).save_pretrained(out)
+    print(f"wrote {out}: config.json, model.safetensors, tokenizer.json")
+
+
+def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
+    """Questions from the terminal (or a pipe), answers streamed as they are written."""
+    interactive = sys.stdin.isatty()
+    knobs = {"temp": temperature, "topk": top_k or 0}
+    if interactive:
+        print("Ask a word problem. /temp 0.8 and /topk 40 set sampling (/temp 0 is greedy); /quit or Ctrl-D leaves.")
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            break
+        name, _, value = line[1:].partition(" ")
+        if line in ("/quit", "/exit"):
+            break
+        elif line.startswith("/") and name in knobs and re.fullmatch(r"\d+(\.\d*)?", value):
+            knobs[name] = float(value) if name == "temp" else int(float(value))
+            print(f"{name} = {knobs[name]}")
+        elif line.startswith("/"):
+            print("commands: /temp T (T >= 0), /topk K (0: off), /quit")
+        if line.startswith("/") or not line:
+            continue
+        try:
+            ids = tokenizer.encode(f"Q: {line}\nA:")
+        except UserError as e:
+            print(f"error: {e}")
+            continue
+        print("A:", end="", flush=True)
+        generate(model, [ids], max_new_tokens, tokenizer.end_id, knobs["temp"], knobs["topk"] or None,
+                 on_token=streamer(tokenizer), dtype=dtype)
+        print()
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. The command line
 # Each subcommand parses its flags, checks them, and calls the plain functions above.
 # -----------------------------------------------------------------------------------------------
 
@@ -1209,6 +1442,13 @@ def positive(kind, name, lo=None, hi=None, lo_open=False):
 
 
 def cmd_train(a):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
+        cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if torch.distributed.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")   # rank 0 alone speaks, evaluates and saves
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     resume = None
@@ -1231,6 +1471,8 @@ def cmd_train(a):
     torch.manual_seed(a.seed)
 
     thinking = not a.data
+    a.block_size = a.block_size or (320 if thinking else 128)   # both measured in 10-minute runs (README)
+    a.batch_size = a.batch_size or (16 if thinking else 32)
     if resume is not None:
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
@@ -1269,7 +1511,7 @@ def cmd_train(a):
             replies = ask(m, tokenizer, [p["question"] for p in sample], dtype=dtype)
             right = sum(score_reply(r, p["answer"])["correct"] for r, p in zip(replies, sample))
             return (f"held-out accuracy {100 * right / len(sample):.0f}% ({len(sample)} questions)\n"
-                    f"  Q: {sample[0]['question']}\n  A:{replies[0].replace(chr(10), ' ')}")
+                    f"  Q: {sample[0]['question']}\n  A:{replies[0].replace(chr(10), ' ')}", right / len(sample))
     else:
         ids = cached_ids(texts, tokenizer, a.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need
@@ -1285,7 +1527,7 @@ def cmd_train(a):
         def probe(m):
             o = generate(m, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
                          dtype=dtype)
-            return "sample: " + repr(tokenizer.decode(start + o[0]))
+            return "sample: " + repr(tokenizer.decode(start + o[0])), None
     meta.update(device=device, dtype=dtype)
     s = TrainSettings(out=a.out, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup,
                       max_iters=a.max_iters, max_minutes=a.max_minutes, eval_interval=a.eval_interval,
@@ -1294,10 +1536,17 @@ def cmd_train(a):
         keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
         s = TrainSettings(**{**meta["settings"], **{k: getattr(s, k) for k in keep}})
     meta["settings"] = asdict(s)
+    if resume is None and os.path.exists(log_path(a.out)) and not (torch.distributed.is_initialized()
+                                                                  and torch.distributed.get_rank()):
+        os.remove(log_path(a.out))   # a new run starts a new log
     print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
           f"batch {s.batch_size} x {cfg.block_size}, lr {s.lr:g}, budget {s.max_iters:,} steps or "
           f"{s.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, s, meta, resume_state=resume, probe=probe)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        if sys.stdout.name == os.devnull:   # ranks other than 0 are done
+            return 0
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
           f"tokens/s, val loss {r['val_loss']:.4f}; saved {a.out}")
     if r["interrupted"]:
@@ -1306,11 +1555,19 @@ def cmd_train(a):
     return 0
 
 
-def cmd_generate(a):
-    ck = load_checkpoint(a.checkpoint)
-    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+def load_model(a):
+    """The model of --checkpoint on --device, int8 with --quantize int8 (generate, eval, chat)."""
+    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
     device = pick_device(a.device)
-    model.to(device)
+    if a.quantize == "int8":
+        if device != "cpu":
+            raise UserError("--quantize int8 runs on the CPU: add --device cpu")
+        model = quantize_int8(model)
+    return model.to(device), tokenizer
+
+
+def cmd_generate(a):
+    model, tokenizer = load_model(a)
     prompt = a.prompt.replace("\\n", "\n")
     if not prompt.strip():
         raise UserError("the prompt is empty: give some text with --prompt")
@@ -1319,27 +1576,19 @@ def cmd_generate(a):
         print(f"(the prompt has {len(ids)} tokens, more than the model's context of {model.cfg.block_size}: "
               "only its end is used)", file=sys.stderr)
     gen = torch.Generator().manual_seed(a.seed)
+
+    def show_probs(b, tok, logits):   # the five likeliest tokens, as sampling saw them, and the pick
+        probs, ids5 = next_token_probs(logits[None], a.temperature or 1.0, a.top_k, a.top_p)[0].topk(5)
+        print(f"{tokenizer.decode([tok])!r:>10} <- " + "  ".join(
+            f"{tokenizer.decode([i])!r} {p:.2f}" for p, i in zip(probs.tolist(), ids5.tolist())))
+        return tok == tokenizer.end_id
     for n in range(a.num_samples):
         if a.num_samples > 1:
             print(f"--- sample {n + 1}")
-        print(prompt, end="", flush=True)
-        shown, printed = [], [""]
-
-        def stream(b, tok):   # print as tokens arrive; BPE may need several tokens for one character
-            if tok == tokenizer.end_id:
-                return True
-            shown.append(tok)
-            text = tokenizer.decode(shown)
-            if a.stop and a.stop in text:
-                text = text[:text.index(a.stop) + len(a.stop)]
-            if not text.endswith("\ufffd"):
-                print(text[len(printed[0]):], end="", flush=True)
-                printed[0] = text
-            return bool(a.stop) and a.stop in text
-
-        generate(model, [ids], a.max_new_tokens, tokenizer.end_id, a.temperature, a.top_k, a.top_p,
-                 a.repetition_penalty, gen, on_token=stream)
-        print()
+        print(prompt, end="\n" if a.show_probs else "", flush=True)
+        out = generate(model, [ids], a.max_new_tokens, tokenizer.end_id, a.temperature, a.top_k, a.top_p,
+                       a.repetition_penalty, gen, on_token=show_probs if a.show_probs else streamer(tokenizer, a.stop))
+        print("\n" + prompt + tokenizer.decode(out[0]) if a.show_probs else "")
     return 0
 
 
@@ -1348,9 +1597,7 @@ def cmd_eval(a):
         problems = read_questions(a.questions)
     else:
         problems = [p for sp in (SPLITS if a.split == "all" else [a.split]) for p in make_split(sp, a.n, seed=0)]
-    ck = load_checkpoint(a.checkpoint)
-    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
-    model.to(pick_device(a.device))
+    model, tokenizer = load_model(a)
     t = time.perf_counter()
     s = evaluate(model, tokenizer, problems, votes=a.votes, temperature=a.temperature, seed=a.seed)
     s["seconds"] = round(time.perf_counter() - t, 1)
@@ -1359,6 +1606,42 @@ def cmd_eval(a):
     else:
         print(f"{len(problems)} questions in {s['seconds']} s" + (f", majority of {a.votes} votes" if a.votes > 1 else ", greedy"))
         print(format_summary(s))
+    return 0
+
+
+def cmd_chat(a):
+    model, tokenizer = load_model(a)
+    chat(model, tokenizer, a.temperature, a.top_k, a.max_new_tokens or model.cfg.block_size, "fp32")
+    return 0
+
+
+def free_out(path, overwrite):
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists: add --overwrite to replace it, or choose another --out")
+
+
+def cmd_plot(a):
+    free_out(a.out, a.overwrite)
+    plot_logs(a.logs, a.out)
+    return 0
+
+
+def cmd_attention(a):
+    free_out(a.out, a.overwrite)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
+    ids = tokenizer.encode(a.prompt.replace("\\n", "\n"))[-model.cfg.block_size:]
+    layer = model.cfg.n_layer - 1 if a.layer is None else a.layer
+    if not (ids and 0 <= layer < model.cfg.n_layer):
+        raise UserError(f"give a non-empty --prompt and a --layer from 0 to {model.cfg.n_layer - 1}")
+    model.eval()
+    plot_attention(attention_maps(model, ids, layer), [tokenizer.decode([i]) for i in ids], layer, a.out)
+    return 0
+
+
+def cmd_export(a):
+    free_out(a.out, a.overwrite)
+    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
+    export_onnx(model, a.out) if a.format == "onnx" else export_hf(model, tokenizer, a.out)
     return 0
 
 
@@ -1391,12 +1674,14 @@ def build_parser():
     t.add_argument("--n-layer", type=positive(int, "--n-layer", 1), default=6)
     t.add_argument("--n-head", type=positive(int, "--n-head", 1), default=4)
     t.add_argument("--n-embd", type=positive(int, "--n-embd", 1), default=160, help="width of the model")
-    t.add_argument("--block-size", type=positive(int, "--block-size", 2), default=320, help="context length in tokens")
+    t.add_argument("--block-size", type=positive(int, "--block-size", 2), help="context length in tokens "
+                   "(default: 320 on the built-in corpus, 128 on --data)")
     t.add_argument("--dropout", type=positive(float, "--dropout", 0, 0.99), default=0.0)
     t.add_argument("--fused-attention", action="store_true", help="use F.scaled_dot_product_attention")
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
-    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), default=16)
+    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 16 on the built-in "
+                   "corpus, 32 on --data (both measured in 10-minute runs, see the README)")
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
@@ -1424,7 +1709,19 @@ def build_parser():
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model", formatter_class=fmt)
-    g.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    e = sub.add_parser("eval", help="score a model on held-out word problems", formatter_class=fmt)
+    c = sub.add_parser("chat", help="ask questions from the terminal (or a pipe)", formatter_class=fmt)
+    i = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt)
+    pl = sub.add_parser("plot", help="draw training logs: loss (and accuracy) against tokens seen", formatter_class=fmt)
+    at = sub.add_parser("attention", help="draw one layer's attention over a prompt", formatter_class=fmt)
+    x = sub.add_parser("export", help="write the model as ONNX or as a Hugging Face GPT-2 folder", formatter_class=fmt)
+    for q in (g, e, c, i, at, x):
+        q.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    for q in (g, e, c):
+        q.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+        q.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: dynamic int8 linear layers (CPU)")
+    for q in (pl, at, x):
+        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
     g.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0), default=200)
     g.add_argument("--temperature", type=positive(float, "--temperature", 0), default=0.0, help="0 means greedy")
@@ -1434,10 +1731,7 @@ def build_parser():
     g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
     g.add_argument("--num-samples", type=positive(int, "--num-samples", 1), default=1)
     g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
-
-    e = sub.add_parser("eval", help="score a model on held-out word problems", formatter_class=fmt)
-    e.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    g.add_argument("--show-probs", action="store_true", help="print the five likeliest candidates for each token")
     e.add_argument("-n", type=positive(int, "-n", 1), default=1000, help="questions per split")
     e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
     e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
@@ -1446,21 +1740,31 @@ def build_parser():
                    help="sampling temperature for --votes")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    e.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
-
-    i = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt)
-    i.add_argument("--checkpoint", default=DEFAULT_CKPT)
+    c.add_argument("--temperature", type=positive(float, "--temperature", 0), default=0.0, help="0 means greedy")
+    c.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
+    c.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0), default=0, help="0: the context length")
+    pl.add_argument("logs", nargs="+", help="checkpoints (their .log.jsonl is read) or logs")
+    pl.add_argument("--out", default="loss.png")
+    at.add_argument("--prompt", required=True)
+    at.add_argument("--layer", type=int, default=None, help="0 is the first (default: the last)")
+    at.add_argument("--out", default="attention.png")
+    x.add_argument("--format", required=True, choices=["onnx", "hf"])
+    x.add_argument("--out", required=True, help="a .onnx file, or a folder for hf")
     return p
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info}
+    commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "chat": cmd_chat,
+                "plot": cmd_plot, "attention": cmd_attention, "export": cmd_export}
     try:
         return commands[a.command](a)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C in chat or generate, or a second one in training
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,17 +31,30 @@ def timed(fn, n, warm=2):
     return statistics.median(ts)
 
 
-def train_speed(cfg, batch, dtype, peak, steps):
+def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False):
     model = T.GPT(cfg)
+    fwd = torch.compile(model) if compile else model
     opt = T.make_optimizer(model, 1e-3, 0.1, "cpu")
     x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
 
     def step():
         with T.autocast("cpu", dtype):
-            _, loss = model(x, x)
+            _, loss = fwd(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if profile:   # where a step's time goes, by operator (self time: not counting the ops it calls)
+        from torch.profiler import profile as prof, ProfilerActivity
+        timed(step, 1)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(steps):
+                step()
+        events = sorted(p.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print("\n| operator | share of step time |\n| --- | --- |")
+        for e in events[:15]:
+            print(f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% |")
+        return None
     tok_s = batch * cfg.block_size / timed(step, steps)
     n = sum(p.numel() for p in model.parameters())
     flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size   # per token, forward + backward
@@ -52,7 +65,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smaller measurements, for a smoke test")
+    ap.add_argument("--int8", metavar="CHECKPOINT", help="only compare a trained checkpoint with its int8 version")
+    ap.add_argument("--profile", action="store_true", help="only profile the fast path at the reference shape")
     a = ap.parse_args()
+    if a.int8:
+        return int8_table(a.int8, a.repeats)
+    if a.profile:
+        return train_speed(T.Config(vocab_size=83, block_size=128), 32, T.pick_dtype("auto", "cpu"), {}, a.repeats,
+                           profile=True)
     r = a.repeats
     print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of {r} repeats")
 
@@ -74,6 +94,9 @@ def main():
         print(f"| {label} | plain fp32 eager, fused attention | {plain[0]:,.0f} | {100 * plain[1]:.1f}% | 1.00x |")
         print(f"| {label} | fast: {fast} autocast, explicit attention | {quick[0]:,.0f} | {100 * quick[1]:.1f}% "
               f"| {quick[0] / plain[0]:.2f}x |")
+        comp = train_speed(cfg, batch, fast, peak, steps, compile=True)
+        print(f"| {label} | fast + torch.compile (`--compile`) | {comp[0]:,.0f} | {100 * comp[1]:.1f}% "
+              f"| {comp[0] / plain[0]:.2f}x |")
 
     print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n| --- | --- | --- | --- |")
     model = T.GPT(T.Config(vocab_size=101)).eval()
@@ -113,6 +136,32 @@ def main():
         else:
             mib = int(hwm[0].split()[1]) / 1024
             print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {mib:,.0f} MiB")
+
+
+def int8_table(path, r):
+    """Size, batch-1 generation speed, validation loss and accuracy of a checkpoint in fp32 and int8."""
+    import io
+    ck = T.load_checkpoint(path)
+    model, tok = T.model_from_checkpoint(ck, path)
+    model.eval()
+    models = {"fp32": model, "int8 (dynamic, linear layers)": T.quantize_int8(model)}
+    _, val = T.build_corpus(10, seed=ck["meta"]["settings"]["seed"])
+    ids, mask, starts = T.corpus_arrays(val, tok)
+    data = {"ids": ids, "mask": mask, "starts": starts}
+    problems = T.make_split("questions", 300, seed=0)
+    prompt = [tok.encode("Q: " + problems[0]["question"] + "\nA:")]
+    print(f"{path}: {torch.get_num_threads()} threads, medians of {r} repeats\n")
+    print("| weights | state dict size | generation tok/s (batch 1) | val loss | accuracy (300 questions) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, m in models.items():
+        buf = io.BytesIO()
+        torch.save(m.state_dict(), buf)
+        tok_s = 100 / timed(lambda: T.generate(m, prompt, 100), r, warm=1)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            loss = statistics.mean(m(*T.get_batch(data, 16, m.cfg.block_size, gen, "cpu"))[1].item() for _ in range(20))
+        acc = T.evaluate(m, tok, problems)["accuracy"]
+        print(f"| {name} | {buf.tell() / 2 ** 20:.2f} MiB | {tok_s:,.0f} | {loss:.4f} | {100 * acc:.1f}% |")
 
 
 if __name__ == "__main__":

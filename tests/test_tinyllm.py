@@ -554,3 +554,162 @@ def test_huge_single_line_and_mixed_line_endings(tmp_path):
     tok = T.CharTokenizer(set(text))
     ids = T.cached_ids([text], tok, str(tmp_path / "cache"))
     assert len(ids) == len(text) + 1 and tok.decode(ids[-8:].tolist()) == "a\nb\nc\nd" + T.END
+
+
+# the appendix: log and plot, a look inside, chat, int8, export, torchrun ----------------------------
+
+@pytest.fixture(scope="module")
+def thinking_ckpt(tmp_path_factory):
+    """A very small model trained for a few steps on the built-in corpus, with its training log."""
+    path = str(tmp_path_factory.mktemp("thinking") / "m.pt")
+    r = run_cli("train", "--corpus-size", "300", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+                "--batch-size", "4", "--max-iters", "6", "--eval-interval", "3", "--dtype", "fp32", "--out", path)
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+def test_training_log_rows_and_plot(thinking_ckpt, tmp_path):
+    _, rows = T.read_log(thinking_ckpt)
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    assert rows[-1]["tokens"] == 6 * 4 * 320 and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert all({"train_loss", "lr", "tokens_per_s", "elapsed", "accuracy"} <= set(r) for r in rows)
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "loss.png"
+    r = run_cli("plot", thinking_ckpt, T.log_path(thinking_ckpt), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    again = run_cli("plot", thinking_ckpt, "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_optional_package_missing_gets_the_pip_line(monkeypatch):
+    import builtins
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real(name, *a, **k))
+    import importlib
+    monkeypatch.setattr(importlib, "import_module", lambda name: builtins.__import__(name))
+    with pytest.raises(T.UserError, match="pip install matplotlib"):
+        T.plot_logs(["x.log.jsonl"], "x.png")
+
+
+def test_show_probs_lists_what_sampling_saw(thinking_ckpt):
+    r = run_cli("generate", "--checkpoint", thinking_ckpt, "--prompt", "Q: What is 2 + 3?\\nA:",
+                "--max-new-tokens", "5", "--show-probs")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if " <- " in line]
+    assert len(rows) == 5
+    for line in rows:   # greedy: the token taken is the first, likeliest candidate
+        picked, cands = line.split(" <- ")
+        probs = [float(c.rsplit(" ", 1)[1]) for c in cands.split("  ")]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+        assert cands.startswith(picked.strip())
+
+
+def test_attention_maps_are_the_models_own(tmp_path):
+    model = tiny_model(vocab_size=20, block_size=16)
+    ids = [1, 5, 7, 2, 9, 3]
+    att = T.attention_maps(model, ids, layer=1)
+    assert att.shape == (2, 6, 6)
+    assert torch.allclose(att.sum(-1), torch.ones(2, 6)) and torch.all(att.triu(1) == 0)
+    got = {}   # rebuild the layer's output from these weights and compare with the model's forward
+    blk = model.h[1].attn
+    blk.register_forward_hook(lambda m, args, out: got.update(x=args[0], y=out))
+    model(torch.tensor([ids]))
+    v = blk.c_attn(got["x"][0]).split(16, dim=1)[2].view(6, 2, 8).transpose(0, 1)
+    y = (att @ v).transpose(0, 1).reshape(6, 16)
+    assert torch.allclose(blk.c_proj(y), got["y"][0], atol=1e-5)
+
+
+def test_attention_picture(thinking_ckpt, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "attn.png"
+    r = run_cli("attention", "--checkpoint", thinking_ckpt, "--prompt", "Q: What is 12 + 7?\\nA:", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("attention", "--checkpoint", thinking_ckpt, "--prompt", "Q", "--layer", "9", "--out", str(tmp_path / "b.png"))
+    assert r.returncode == 2 and "--layer from 0 to 1" in r.stderr
+
+
+def test_chat_reads_a_pipe(thinking_ckpt):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), "chat", "--checkpoint", thinking_ckpt,
+                        "--max-new-tokens", "10"], input="What is 2 + 3?\n/temp 0.5\n/temp x\n/temp 0\nWhat is é?\nHi\n/quit\nnever asked\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("A:") == 2   # two questions answered; the line after /quit never read
+    assert "temp = 0.5" in r.stdout and "temp = 0.0" in r.stdout and "commands:" in r.stdout and "never saw: 'é'" in r.stdout
+
+
+def test_int8_is_smaller_and_close(thinking_ckpt):
+    import io
+    model, tok = T.model_from_checkpoint(T.load_checkpoint(thinking_ckpt))
+    model.eval()
+    q = T.quantize_int8(model)
+    size = lambda m: len((lambda b: (torch.save(m.state_dict(), b), b.getvalue())[1])(io.BytesIO()))
+    linears = [m for m in q.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(linears) == 2 * 4 + 1 and all(m.weight().dtype == torch.qint8 for m in linears)
+    assert size(q) < 0.65 * size(model)   # embeddings stay float: the real model's sizes are in the README
+    ids = torch.tensor([tok.encode("Q: What is 12 + 7?\nA:")])
+    a, b = model(ids)[0], q(ids)[0]
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    r = run_cli("generate", "--checkpoint", thinking_ckpt, "--prompt", "Q: What is 1 + 1?\\nA:",
+                "--max-new-tokens", "8", "--quantize", "int8")
+    assert r.returncode == 0 and r.stdout.startswith("Q: What is 1 + 1?"), r.stderr
+
+
+def test_export_onnx_matches_pytorch(thinking_ckpt, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", "--checkpoint", thinking_ckpt, "--format", "onnx", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    model, _ = T.model_from_checkpoint(T.load_checkpoint(thinking_ckpt))
+    model.eval()
+    sess = ort.InferenceSession(str(out))
+    for shape in [(1, 5), (3, 40)]:   # batch and sequence are dynamic
+        ids = torch.randint(0, model.cfg.vocab_size, shape)
+        got = sess.run(["logits"], {"idx": ids.numpy()})[0]
+        assert abs(got - model(ids)[0].detach().numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_export_hf_loads_in_transformers(kind, tmp_path):
+    tf = pytest.importorskip("transformers")
+    texts = ["Q: What is 12 + 7?\nA: 12 + 7 = 19.\nAnswer: 19 " * 3, "hello world\n" * 5]
+    tok = T.CharTokenizer(set("".join(texts))) if kind == "char" else T.BPETokenizer.train(texts, 300)
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=64, seed=3)
+    ck = tmp_path / "m.pt"
+    T.save_checkpoint(str(ck), checkpoint_state(model, tok))
+    out = tmp_path / "hf"
+    r = run_cli("export", "--checkpoint", str(ck), "--format", "hf", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    hf_tok = tf.AutoTokenizer.from_pretrained(str(out))
+    text = "Q: What is 12 + 7?\nA:"
+    ids = tok.encode(text)
+    assert hf_tok(text)["input_ids"] == ids and hf_tok.decode(ids) == text
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)[0]).abs().max() <= 1e-4
+        want = T.generate(model, [ids], 12, tok.end_id)[0]   # greedy, both stopping at the end token
+        got = hf.generate(x, max_new_tokens=12, do_sample=False, pad_token_id=tok.end_id)[0, len(ids):].tolist()
+    assert got[:len(want)] == want and (len(want) == 12 or got[len(want)] == tok.end_id)
+
+
+def test_torchrun_two_ranks_stay_identical(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("the rain in spain stays mainly in the plain. " * 200)
+    out = tmp_path / "m.pt"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tinyllm.py"), *small_train_args(data, out, "--max-iters", "30"),
+                        "--dropout", "0", "--eval-interval", "10"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 ranks, largest weight difference from rank 0: 0\n" in r.stdout
+    assert r.stdout.count("step 30:") == 1   # rank 0 alone reports
+    _, rows = T.read_log(str(out))
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] and rows[-1]["tokens"] == 2 * 30 * 4 * 32
+    one = tmp_path / "one.pt"   # one process sees only rank 0's batches: other weights, so the ranks did differ
+    assert run_cli(*small_train_args(data, one, "--max-iters", "30"), "--dropout", "0").returncode == 0
+    a, b = torch.load(out, weights_only=True)["model"], torch.load(one, weights_only=True)["model"]
+    assert not torch.equal(a["wte.weight"], b["wte.weight"])
