@@ -480,7 +480,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.fused = cfg.n_head, cfg.fused_attention
+        self.n_head, self.fused, self.block_size = cfg.n_head, cfg.fused_attention, cfg.block_size
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)   # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -493,9 +493,11 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         if cache is not None:   # generation: keys and values of earlier tokens are kept, not recomputed
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]   # (B, n_head, T_past + T, head_size)
+            if not cache:       # room for a whole context, filled as tokens come: (B, n_head, block_size, hs)
+                cache[:] = [k.new_empty(B, self.n_head, self.block_size, hs) for _ in "kv"] + [0]
+            n = cache[2] + T
+            cache[0][:, :, cache[2]:n], cache[1][:, :, cache[2]:n], cache[2] = k, v, n
+            k, v = cache[0][:, :, :n], cache[1][:, :, :n]   # (B, n_head, T_past + T, head_size)
         drop = self.dropout if self.training else 0.0
         if self.fused:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
@@ -572,7 +574,7 @@ class GPT(nn.Module):
         marks the real tokens of left-padded prompts: padding is neither attended to nor counted
         in positions."""
         B, T = idx.shape
-        past = caches[0][0].shape[2] if caches and caches[0] else 0
+        past = caches[0][2] if caches and caches[0] else 0
         if valid is None:
             pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)      # (1, T)
             mask = self.causal[past:past + T, :past + T].unsqueeze(0).unsqueeze(0)  # (1, 1, T, T_total)
@@ -1023,7 +1025,7 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     return probs
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k=None, top_p=None,
              repetition_penalty=1.0, gen=None, use_cache=True, on_token=None, dtype="fp32"):
     """Continue each prompt (a list of id lists) by up to max_new_tokens; returns the new ids of each.
@@ -1347,7 +1349,7 @@ def export_onnx(model, out):
     dim = {0: "batch", 1: "seq"}
     model.eval()
     torch.onnx.export(model, (idx,), out, input_names=["idx"], output_names=["logits"],
-                      dynamic_axes={"idx": dim, "logits": dim}, dynamo=True, verbose=False)
+                      dynamic_axes={"idx": dim, "logits": dim}, dynamo=True, external_data=False, verbose=False)
     print(f"wrote {out} (input idx: int64 ids, shape (batch, seq <= {model.cfg.block_size}); output logits)")
 
 
