@@ -795,6 +795,12 @@ def log_path(path):   # one JSON line per evaluation, beside the checkpoint
     return os.path.splitext(path)[0] + ".log.jsonl"
 
 
+def sparkline(values):   # the validation loss so far, in one line of the terminal
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    return "".join(bars[round((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
+
+
 def load_checkpoint(path):
     """Load and check a checkpoint. weights_only=True: a file that tries to run code is refused."""
     if not os.path.exists(path):
@@ -840,7 +846,7 @@ def model_from_checkpoint(ck, path="checkpoint"):
 @dataclass
 class TrainSettings:
     out: str = "checkpoints/tinyllm.pt"
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -1253,12 +1259,6 @@ def need(module, package):
         raise UserError(f"this needs the optional package {package}: pip install {package}")
 
 
-def sparkline(values):
-    bars = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    return "".join(bars[round((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
-
-
 def read_log(path):
     """The rows of a training log; a checkpoint's path reads the log beside it."""
     path = log_path(path) if path.endswith(".pt") else path
@@ -1474,7 +1474,7 @@ def cmd_train(a):
 
     thinking = not a.data
     a.block_size = a.block_size or (320 if thinking else 128)   # both measured in 10-minute runs (README)
-    a.batch_size = a.batch_size or (16 if thinking else 32)
+    a.batch_size = a.batch_size or (8 if thinking else 32)
     if resume is not None:
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
@@ -1682,7 +1682,7 @@ def build_parser():
     t.add_argument("--fused-attention", action="store_true", help="use F.scaled_dot_product_attention")
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
-    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 16 on the built-in "
+    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "
                    "corpus, 32 on --data (both measured in 10-minute runs, see the README)")
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=3e-3, help="peak learning rate")

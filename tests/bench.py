@@ -85,7 +85,7 @@ def main():
           f"the fast path uses {fast}")
 
     print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
-    shapes = [("thinking default (6x160, block 320, batch 16)", T.Config(vocab_size=101), 16),
+    shapes = [("thinking corpus (6x160, block 320, batch 16)", T.Config(vocab_size=101), 16),
               ("reference (6x160, block 128, batch 32)", T.Config(vocab_size=83, block_size=128), 32)]
     steps = 3 if a.quick else r
     for label, cfg, batch in shapes:
