@@ -1,4 +1,4 @@
-"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick]`.
+"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick] [--profile] [--int8 CHECKPOINT]`.
 
 Prints medians of several repeats: the matmul peaks (fp32, bf16), training tokens/s and model FLOPs
 utilisation (MFU) of the fast path against a plain fp32 eager path, generation with and without the
