@@ -493,10 +493,13 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         if cache is not None:   # generation: keys and values of earlier tokens are kept, not recomputed
-            if not cache:       # room for a whole context, filled as tokens come: (B, n_head, block_size, hs)
-                cache[:] = [k.new_empty(B, self.n_head, self.block_size, hs) for _ in "kv"] + [0]
-            n = cache[2] + T
-            cache[0][:, :, cache[2]:n], cache[1][:, :, cache[2]:n], cache[2] = k, v, n
+            # cache = [keys, values, how many positions are filled]; the two buffers are allocated once,
+            # each (B, n_head, block_size, head_size), and filled in place as tokens come
+            if not cache:
+                cache[:] = [k.new_empty(B, self.n_head, self.block_size, hs),
+                            v.new_empty(B, self.n_head, self.block_size, hs), 0]
+            past, n = cache[2], cache[2] + T
+            cache[0][:, :, past:n], cache[1][:, :, past:n], cache[2] = k, v, n
             k, v = cache[0][:, :, :n], cache[1][:, :, :n]   # (B, n_head, T_past + T, head_size)
         drop = self.dropout if self.training else 0.0
         if self.fused:
@@ -570,7 +573,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, caches=None, valid=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean loss if targets are given.
 
-        For generation, `caches` holds each layer's keys and values so far, and `valid` (B, T_total)
+        For generation, `caches` holds each layer's [keys, values, positions filled], and `valid` (B, T_total)
         marks the real tokens of left-padded prompts: padding is neither attended to nor counted
         in positions."""
         B, T = idx.shape
@@ -1082,24 +1085,6 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     return [[t for t in o if t != end_id] if end_id is not None else o for o in out]
 
 
-def streamer(tokenizer, stop=None):
-    """An on_token callback that prints text as it comes (BPE may need several tokens for a character)."""
-    shown, printed = [], [""]
-
-    def on_token(b, tok, logits):
-        if tok == tokenizer.end_id:
-            return True
-        shown.append(tok)
-        text = tokenizer.decode(shown)
-        if stop and stop in text:
-            text = text[:text.index(stop) + len(stop)]
-        if not text.endswith("\ufffd"):
-            print(text[len(printed[0]):], end="", flush=True)
-            printed[0] = text
-        return bool(stop) and stop in text
-    return on_token
-
-
 # Try this: generate with --temperature 1.5 and then 0.3: high temperature invents, low repeats.
 
 # -----------------------------------------------------------------------------------------------
@@ -1386,6 +1371,24 @@ def export_hf(model, tokenizer, out):
     print(f"wrote {out}: config.json, model.safetensors, tokenizer.json")
 
 
+def streamer(tokenizer, stop=None):
+    """An on_token callback that prints text as it comes (BPE may need several tokens for a character)."""
+    shown, printed = [], [""]
+
+    def on_token(b, tok, logits):
+        if tok == tokenizer.end_id:
+            return True
+        shown.append(tok)
+        text = tokenizer.decode(shown)
+        if stop and stop in text:
+            text = text[:text.index(stop) + len(stop)]
+        if not text.endswith("\ufffd"):
+            print(text[len(printed[0]):], end="", flush=True)
+            printed[0] = text
+        return bool(stop) and stop in text
+    return on_token
+
+
 def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
     """Questions from the terminal (or a pipe), answers streamed as they are written."""
     interactive = sys.stdin.isatty()
@@ -1545,9 +1548,10 @@ def cmd_train(a):
           f"batch {s.batch_size} x {cfg.block_size}, lr {s.lr:g}, budget {s.max_iters:,} steps or "
           f"{s.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, s, meta, resume_state=resume, probe=probe)
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():   # torchrun: rank 0 reports below, the others are done
+        rank = torch.distributed.get_rank()
         torch.distributed.destroy_process_group()
-        if sys.stdout.name == os.devnull:   # ranks other than 0 are done
+        if rank > 0:
             return 0
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
           f"tokens/s, val loss {r['val_loss']:.4f}; saved {a.out}")

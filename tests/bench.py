@@ -157,9 +157,7 @@ def int8_table(path, r):
         buf = io.BytesIO()
         torch.save(m.state_dict(), buf)
         tok_s = 100 / timed(lambda: T.generate(m, prompt, 100), r, warm=1)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            loss = statistics.mean(m(*T.get_batch(data, 16, m.cfg.block_size, gen, "cpu"))[1].item() for _ in range(20))
+        loss = T.estimate_loss(m, {"val": data}, T.TrainSettings(batch_size=16, seed=0), "cpu", "fp32")["val"]
         acc = T.evaluate(m, tok, problems)["accuracy"]
         print(f"| {name} | {buf.tell() / 2 ** 20:.2f} MiB | {tok_s:,.0f} | {loss:.4f} | {100 * acc:.1f}% |")
 
