@@ -1,4 +1,4 @@
-"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick] [--profile] [--int8 CHECKPOINT]`.
+"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick] [--profile] [--int8 CHECKPOINT] [--device cuda]`.
 
 Prints medians of several repeats: the matmul peaks (fp32, bf16), training tokens/s and model FLOPs
 utilisation (MFU) of the fast path against a plain fp32 eager path, generation with and without the
@@ -31,18 +31,21 @@ def timed(fn, n, warm=2):
     return statistics.median(ts)
 
 
-def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False):
-    model = T.GPT(cfg)
+def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False, device="cpu", fused_adamw=None):
+    model = T.GPT(cfg).to(device)
     fwd = torch.compile(model) if compile else model
-    opt = T.make_optimizer(model, 1e-3, 0.1, "cpu")
-    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size))
+    opt = T.make_optimizer(model, 1e-3, 0.1, device if fused_adamw is None else ("cuda" if fused_adamw else "cpu"))
+    x = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device)
 
     def step():
-        with T.autocast("cpu", dtype):
-            _, loss = fwd(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(10 if device == "cuda" else 1):   # a GPU step is short: time ten, then wait for them
+            with T.autocast(device, dtype):
+                _, loss = fwd(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
     if profile:   # where a step's time goes, by operator (self time: not counting the ops it calls)
         from torch.profiler import profile as prof, ProfilerActivity
         timed(step, 1)
@@ -55,7 +58,7 @@ def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False):
         for e in events[:15]:
             print(f"| {e.key} | {100 * e.self_cpu_time_total / total:.1f}% |")
         return None
-    tok_s = batch * cfg.block_size / timed(step, steps)
+    tok_s = batch * cfg.block_size * (10 if device == "cuda" else 1) / timed(step, steps)
     n = sum(p.numel() for p in model.parameters())
     flops = 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size   # per token, forward + backward
     return tok_s, flops * tok_s / (peak[dtype] * 1e9)
@@ -67,12 +70,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller measurements, for a smoke test")
     ap.add_argument("--int8", metavar="CHECKPOINT", help="only compare a trained checkpoint with its int8 version")
     ap.add_argument("--profile", action="store_true", help="only profile the fast path at the reference shape")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU path instead")
     a = ap.parse_args()
+    if a.device == "cuda":
+        return cuda_bench(a.repeats)
     if a.int8:
         return int8_table(a.int8, a.repeats)
     if a.profile:
-        return train_speed(T.Config(vocab_size=83, block_size=128), 32, T.pick_dtype("auto", "cpu"), {}, a.repeats,
-                           profile=True)
+        ref = T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
+        return train_speed(ref, 32, T.pick_dtype("auto", "cpu"), {}, a.repeats, profile=True)
     r = a.repeats
     print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of {r} repeats")
 
@@ -85,8 +91,9 @@ def main():
           f"the fast path uses {fast}")
 
     print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
-    shapes = [("thinking corpus (6x160, block 320, batch 16)", T.Config(vocab_size=101), 16),
-              ("reference (6x160, block 128, batch 32)", T.Config(vocab_size=83, block_size=128), 32)]
+    d, ref = T.Config(), T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
+    shapes = [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
+               T.Config(vocab_size=101), 8), ("reference (6x160, 4 heads, block 128, batch 32)", ref, 32)]
     steps = 3 if a.quick else r
     for label, cfg, batch in shapes:
         plain = train_speed(T.Config(**{**T.asdict(cfg), "fused_attention": True}), batch, "fp32", peak, steps)
@@ -136,6 +143,49 @@ def main():
         else:
             mib = int(hwm[0].split()[1]) / 1024
             print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {mib:,.0f} MiB")
+
+
+def cuda_bench(r):
+    """The GPU path (bf16 autocast, fused AdamW, torch.compile) against plain fp32 eager on the same card."""
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, medians of {r} repeats")
+    peak, n = {}, 8192
+    for name, dt, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                           ("bf16", torch.bfloat16, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        x, y = torch.randn(n, n, dtype=dt, device="cuda"), torch.randn(n, n, dtype=dt, device="cuda")
+
+        def mm():
+            for _ in range(5):
+                x @ y
+            torch.cuda.synchronize()
+        peak[name] = 5 * 2 * n ** 3 / timed(mm, r) / 1e9
+    torch.backends.cuda.matmul.allow_tf32 = False   # PyTorch's default: "fp32" below is true fp32
+    print(f"matmul {n}^3: fp32 {peak['fp32'] / 1e3:,.0f} TFLOP/s, tf32 {peak['tf32'] / 1e3:,.0f}, "
+          f"bf16 {peak['bf16'] / 1e3:,.0f}")
+
+    print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
+    d, ref = T.Config(), T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
+    shapes = [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
+               T.Config(vocab_size=101), 8),
+              ("reference (6x160, 4 heads, block 128, batch 32)", ref, 32), ("reference, batch 512", ref, 512)]
+    for label, cfg, batch in shapes:
+        fused = T.Config(**{**T.asdict(cfg), "fused_attention": True})
+        rows = [("plain fp32 eager, fused attention, AdamW (foreach)",
+                 train_speed(fused, batch, "fp32", peak, r, device="cuda", fused_adamw=False)),
+                ("bf16 autocast, fused attention, fused AdamW (the default)",
+                 train_speed(fused, batch, "bf16", peak, r, device="cuda")),
+                ("... + torch.compile",
+                 train_speed(fused, batch, "bf16", peak, r, device="cuda", compile=True))]
+        for path, (tok_s, mfu) in rows:
+            print(f"| {label} | {path} | {tok_s:,.0f} | {100 * mfu:.2f}% | {tok_s / rows[0][1][0]:.2f}x |")
+
+    print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n| --- | --- | --- | --- |")
+    model = T.GPT(T.Config(vocab_size=101)).cuda().eval()
+    for plen in [32, 128, 192]:
+        prompt = [[1 + i % 100 for i in range(plen)]]
+        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c, dtype="bf16"), r, warm=1)
+                  for c in (False, True)]
+        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[1] / speeds[0]:.1f}x |")
 
 
 def int8_table(path, r):
