@@ -441,7 +441,7 @@ class Config:
     n_embd: int = 192
     dropout: float = 0.0
     bias: bool = True
-    fused_attention: bool = False   # F.scaled_dot_product_attention instead of the explicit math
+    fused_attention: bool = False   # F.scaled_dot_product_attention on a CPU too (a GPU always uses it)
 
     def check(self, max_params=2_000_000):
         if self.n_embd % self.n_head:
@@ -502,7 +502,7 @@ class CausalSelfAttention(nn.Module):
             cache[0][:, :, past:n], cache[1][:, :, past:n], cache[2] = k, v, n
             k, v = cache[0][:, :, :n], cache[1][:, :, :n]   # (B, n_head, T_past + T, head_size)
         drop = self.dropout if self.training else 0.0
-        if self.fused or q.is_cuda:   # on a GPU the fused kernel is faster; on a CPU, under bf16, the plain math
+        if self.fused or q.is_cuda:   # a GPU always takes the fused kernel: faster there (README, Speed)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:
             # the plain math: how well each query matches each key, scaled so softmax is not too sharp;
@@ -663,12 +663,11 @@ def cached_ids(texts, tokenizer, cache_dir):
     path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.{np.dtype(dtype).name}.bin")
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}"
+        tmp, char = path + f".tmp{os.getpid()}", isinstance(tokenizer, CharTokenizer)
         with open(tmp, "wb") as f:   # raw ids, chunk by chunk: never a full-size array in memory
             for text in texts:
                 for i in range(0, len(text), step):
                     chunk = text[i:i + step]
-                    char = isinstance(tokenizer, CharTokenizer)
                     ids = tokenizer.encode_array(chunk) if char else tokenizer.encode(chunk)
                     f.write(np.asarray(ids, dtype=dtype).tobytes())
                 f.write(np.array([tokenizer.end_id], dtype=dtype).tobytes())
@@ -926,10 +925,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
             progress = max(step / s.max_iters, elapsed / budget)
             if s.stop_after and step >= s.stop_after:
                 stop["asked"] = True
-            if ddp:   # torchrun: every rank follows rank 0's clock and its Ctrl-C
-                flags = torch.tensor([progress, float(stop["asked"])], dtype=torch.float64, device=device)
-                torch.distributed.broadcast(flags, 0)
-                progress, stop["asked"] = flags[0].item(), bool(flags[1].item())
+            if ddp:   # torchrun (appendix): every rank follows rank 0's clock and Ctrl-C
+                progress, stop["asked"] = torchrun_follow_rank0(progress, stop["asked"], device)
             last = progress >= 1.0 or stop["asked"]
             if (step % s.eval_interval == 0 or last) and rank == 0:
                 losses = estimate_loss(model, splits, s, device, dtype)
@@ -981,13 +978,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     finally:
         bar.close()
         signal.signal(signal.SIGINT, old_handler)
-    if ddp:   # torchrun: prove the ranks ended with the same weights
-        w = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-        ref = w.clone()
-        torch.distributed.broadcast(ref, 0)
-        diff = (w - ref).abs().max()
-        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-        print(f"{world} ranks, largest weight difference from rank 0: {diff.item():g}")
+    if ddp:
+        torchrun_compare_weights(model)
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
             "interrupted": stop["asked"], "tokens": step * tokens_per_step * world}
 
@@ -1183,56 +1175,12 @@ def summarize(scored):
                                             for r in scored if not r["correct"]][:5]}
 
 
-def format_summary(s):
-    def row(name, a):
-        return f"  {name:<12} {100 * a['accuracy']:6.1f}%  ({a['correct']}/{a['n']}, 95% CI " \
-               f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%)"
-    lines = [row("overall", s)]
-    for title, key in (("per family", "per_family"), ("per number of steps", "per_steps"),
-                       ("per split", "per_split")):
-        if len(s[key]) > 1 or key == "per_split":
-            lines.append(title + ":")
-            lines += [row(k, v) for k, v in s[key].items()]
-    lines.append(f"reasoning: every equation true in {100 * s['reasoning_ok']:.1f}% of replies; answer equals "
-                 f"the last computed value in {100 * s['answer_is_last_value']:.1f}%; no 'Answer:' line in "
-                 f"{100 * s['format_broken']:.1f}%")
-    lines.append("trivial baselines on the same questions: " +
-                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["baselines"].items()))
-    for f in s["failures"][:3]:
-        lines.append(f"failure: Q: {f['question']}\n  reply: {f['reply'].strip()}\n  true answer: {f['answer']}")
-    return "\n".join(lines)
-
-
-def read_questions(path):
-    """A JSON Lines file of {"question": "...", "answer": 7, "family": "..."(optional)}."""
-    if not os.path.exists(path):
-        raise UserError(f"questions file {path} does not exist")
-    problems = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})")
-            if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
-                raise UserError(f'{path} line {n}: needs a "question" string')
-            if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool):
-                raise UserError(f'{path} line {n}: needs an integer "answer"')
-            problems.append({"question": d["question"], "answer": d["answer"],
-                             "family": str(d.get("family", "custom")), "split": "custom"})
-    if not problems:
-        raise UserError(f"{path} holds no questions")
-    return problems
-
-
 # -----------------------------------------------------------------------------------------------
 # 8. Appendix: tools beyond the lesson
 # Nothing here is needed to understand the model. A training log and its plot; a look inside (the
 # probabilities behind each token, one layer's attention); a chat loop; int8 inference; export to
-# ONNX and to Hugging Face's GPT-2 format; data-parallel training with torchrun (its few lines sit
-# in train() and cmd_train(), marked "torchrun"). Optional packages are imported inside each tool.
+# ONNX and to Hugging Face's GPT-2 format; data-parallel training with torchrun (cmd_train starts it,
+# train() calls the two functions here). Optional packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
 
 def need(module, package):
@@ -1369,6 +1317,26 @@ def export_hf(model, tokenizer, out):
     tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END, bos_token=END,
                                clean_up_tokenization_spaces=False).save_pretrained(out)
     print(f"wrote {out}: config.json, model.safetensors, tokenizer.json")
+
+
+# torchrun (started in cmd_train): one process per device, each on its own batches;
+# DistributedDataParallel (in train) averages the gradients, so the copies stay identical.
+
+def torchrun_follow_rank0(progress, stop, device):
+    """Rank 0's progress and Ctrl-C, sent to every rank, so that all of them stop at the same step."""
+    flags = torch.tensor([progress, float(stop)], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(flags, 0)
+    return flags[0].item(), bool(flags[1].item())
+
+
+def torchrun_compare_weights(model):
+    """Prove the ranks ended with the same weights: print the largest difference from rank 0."""
+    w = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    ref = w.clone()
+    torch.distributed.broadcast(ref, 0)
+    diff = (w - ref).abs().max()
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    print(f"{torch.distributed.get_world_size()} ranks, largest weight difference from rank 0: {diff.item():g}")
 
 
 def streamer(tokenizer, stop=None):
@@ -1602,6 +1570,50 @@ def cmd_generate(a):
     return 0
 
 
+def read_questions(path):
+    """A JSON Lines file of {"question": "...", "answer": 7, "family": "..."(optional)}."""
+    if not os.path.exists(path):
+        raise UserError(f"questions file {path} does not exist")
+    problems = []
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})")
+            if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
+                raise UserError(f'{path} line {n}: needs a "question" string')
+            if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool):
+                raise UserError(f'{path} line {n}: needs an integer "answer"')
+            problems.append({"question": d["question"], "answer": d["answer"],
+                             "family": str(d.get("family", "custom")), "split": "custom"})
+    if not problems:
+        raise UserError(f"{path} holds no questions")
+    return problems
+
+
+def format_summary(s):
+    def row(name, a):
+        return f"  {name:<12} {100 * a['accuracy']:6.1f}%  ({a['correct']}/{a['n']}, 95% CI " \
+               f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%)"
+    lines = [row("overall", s)]
+    for title, key in (("per family", "per_family"), ("per number of steps", "per_steps"),
+                       ("per split", "per_split")):
+        if len(s[key]) > 1 or key == "per_split":
+            lines.append(title + ":")
+            lines += [row(k, v) for k, v in s[key].items()]
+    lines.append(f"reasoning: every equation true in {100 * s['reasoning_ok']:.1f}% of replies; answer equals "
+                 f"the last computed value in {100 * s['answer_is_last_value']:.1f}%; no 'Answer:' line in "
+                 f"{100 * s['format_broken']:.1f}%")
+    lines.append("trivial baselines on the same questions: " +
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["baselines"].items()))
+    for f in s["failures"][:3]:
+        lines.append(f"failure: Q: {f['question']}\n  reply: {f['reply'].strip()}\n  true answer: {f['answer']}")
+    return "\n".join(lines)
+
+
 def cmd_eval(a):
     if a.questions:
         problems = read_questions(a.questions)
@@ -1687,7 +1699,8 @@ def build_parser():
     t.add_argument("--block-size", type=positive(int, "--block-size", 2), help="context length in tokens "
                    "(default: 320 on the built-in corpus, 128 on --data)")
     t.add_argument("--dropout", type=positive(float, "--dropout", 0, 0.99), default=0.0)
-    t.add_argument("--fused-attention", action="store_true", help="use F.scaled_dot_product_attention on a CPU too (a GPU always does)")
+    t.add_argument("--fused-attention", action="store_true",
+                   help="use F.scaled_dot_product_attention on a CPU too (a GPU always does)")
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
     t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "

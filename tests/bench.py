@@ -64,6 +64,25 @@ def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False, de
     return tok_s, flops * tok_s / (peak[dtype] * 1e9)
 
 
+def base_shapes():
+    """The default thinking-corpus model at its default batch, and the issue's reference shape."""
+    d = T.Config()
+    return [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
+             T.Config(vocab_size=101), 8),
+            ("reference (6x160, 4 heads, block 128, batch 32)",
+             T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160), 32)]
+
+
+def generation_table(model, lengths, r, dtype="fp32"):
+    print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n"
+          "| --- | --- | --- | --- |")
+    for plen in lengths:
+        prompt = [[1 + i % 100 for i in range(plen)]]
+        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c, dtype=dtype), r, warm=1)
+                  for c in (False, True)]
+        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[1] / speeds[0]:.1f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -77,8 +96,8 @@ def main():
     if a.int8:
         return int8_table(a.int8, a.repeats)
     if a.profile:
-        ref = T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
-        return train_speed(ref, 32, T.pick_dtype("auto", "cpu"), {}, a.repeats, profile=True)
+        _, ref, batch = base_shapes()[1]
+        return train_speed(ref, batch, T.pick_dtype("auto", "cpu"), {}, a.repeats, profile=True)
     r = a.repeats
     print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, medians of {r} repeats")
 
@@ -91,9 +110,7 @@ def main():
           f"the fast path uses {fast}")
 
     print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
-    d, ref = T.Config(), T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
-    shapes = [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
-               T.Config(vocab_size=101), 8), ("reference (6x160, 4 heads, block 128, batch 32)", ref, 32)]
+    shapes = base_shapes()
     steps = 3 if a.quick else r
     for label, cfg, batch in shapes:
         plain = train_speed(T.Config(**{**T.asdict(cfg), "fused_attention": True}), batch, "fp32", peak, steps)
@@ -105,13 +122,7 @@ def main():
         print(f"| {label} | fast + torch.compile (`--compile`) | {comp[0]:,.0f} | {100 * comp[1]:.1f}% "
               f"| {comp[0] / plain[0]:.2f}x |")
 
-    print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n| --- | --- | --- | --- |")
-    model = T.GPT(T.Config(vocab_size=101)).eval()
-    for plen in ([32, 192] if a.quick else [32, 128, 192]):
-        prompt = [[1 + i % 100 for i in range(plen)]]
-        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c), max(1, r // 2), warm=1)
-                  for c in (False, True)]
-        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[1] / speeds[0]:.1f}x |")
+    generation_table(T.GPT(T.Config(vocab_size=101)).eval(), [32, 192] if a.quick else [32, 128, 192], max(1, r // 2))
 
     problems = T.make_training_problems(2000, 0, set())
     text = "".join("".join(T.problem_text(p)) + "\n\n" for p in problems)
@@ -164,10 +175,8 @@ def cuda_bench(r):
           f"bf16 {peak['bf16'] / 1e3:,.0f}")
 
     print("\n| training shape | path | tokens/s | MFU | speed-up |\n| --- | --- | --- | --- | --- |")
-    d, ref = T.Config(), T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160)
-    shapes = [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
-               T.Config(vocab_size=101), 8),
-              ("reference (6x160, 4 heads, block 128, batch 32)", ref, 32), ("reference, batch 512", ref, 512)]
+    shapes = base_shapes()
+    shapes.append(("reference, batch 512", shapes[1][1], 512))
     for label, cfg, batch in shapes:
         fused = T.Config(**{**T.asdict(cfg), "fused_attention": True})
         rows = [("plain fp32 eager, fused attention, AdamW (foreach)",
@@ -179,13 +188,7 @@ def cuda_bench(r):
         for path, (tok_s, mfu) in rows:
             print(f"| {label} | {path} | {tok_s:,.0f} | {100 * mfu:.2f}% | {tok_s / rows[0][1][0]:.2f}x |")
 
-    print("\n| generation, batch 1, 64 new tokens | no cache tok/s | KV cache tok/s | speed-up |\n| --- | --- | --- | --- |")
-    model = T.GPT(T.Config(vocab_size=101)).cuda().eval()
-    for plen in [32, 128, 192]:
-        prompt = [[1 + i % 100 for i in range(plen)]]
-        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c, dtype="bf16"), r, warm=1)
-                  for c in (False, True)]
-        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[1] / speeds[0]:.1f}x |")
+    generation_table(T.GPT(T.Config(vocab_size=101)).cuda().eval(), [32, 128, 192], r, "bf16")
 
 
 def int8_table(path, r):
