@@ -919,7 +919,7 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
                dynamic_ncols=True, disable=True if rank else None, file=sys.stderr)
     start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
-    at_eval = (step, elapsed)
+    at_eval, at_start = (step, elapsed), step
     try:
         while True:
             progress = max(step / s.max_iters, elapsed / budget)
@@ -952,7 +952,7 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
                     checkpoint(s.out, val_loss)
             if last:
                 break
-            lr = lr_at(progress, s.lr, s.warmup)
+            lr, t_step = lr_at(progress, s.lr, s.warmup), time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(s.grad_accum):
@@ -964,6 +964,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if s.compile and step == at_start + 1:   # this step compiled the model: not training time, or the
+                start += time.perf_counter() - t_step   # time-based warm-up would be over before it began
             elapsed = time.perf_counter() - start
             if step % 10 == 0:   # reading the loss waits for the GPU to finish, so only every tenth step
                 lossf = loss.item()
@@ -1725,7 +1727,8 @@ def build_parser():
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA and on CPUs where it is faster, else fp32")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (compiling, in the "
+                   "first step, is not counted in --max-minutes)")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--out", default=DEFAULT_CKPT, help="checkpoint path (the best one is saved beside it as .best.pt)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")

@@ -420,6 +420,19 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_compile_time_is_not_spent_from_the_budget(tmp_path):
+    # compiling takes seconds in the first step; if it counted, a short budget (and the time-based
+    # warm-up) would be over after one step
+    data = tmp_path / "d.txt"
+    data.write_text("the rain in spain stays mainly in the plain. " * 40)
+    out = tmp_path / "m.pt"
+    args = small_train_args(data, out, "--compile", "--eval-interval", "100000", "--device", "cpu")
+    args[args.index("--max-minutes") + 1] = "0.05"
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(out, weights_only=True)["step"] >= 20
+
+
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     import signal
     import time
