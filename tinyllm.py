@@ -1451,7 +1451,7 @@ def cmd_train(a):
 
     thinking = not a.data
     a.block_size = a.block_size or (320 if thinking else 128)   # both measured in 10-minute runs (README)
-    a.batch_size = a.batch_size or (8 if thinking else 32)
+    a.batch_size = a.batch_size or (8 if thinking else 16)
     if resume is not None:
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
@@ -1706,7 +1706,7 @@ def build_parser():
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
     t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "
-                   "corpus, 32 on --data (both measured in 10-minute runs, see the README)")
+                   "corpus, 16 on --data (both chosen by 10-minute runs, see the README)")
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
