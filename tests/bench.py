@@ -2,8 +2,8 @@
 
 Prints medians of several repeats: the matmul peaks (fp32, bf16), training tokens/s and model FLOPs
 utilisation (MFU) of the fast path against a plain fp32 eager path, generation with and without the
-KV cache, tokenizer speed, and the peak memory of a training run on a big file. A benchmark prints
-numbers; the tests never time anything."""
+KV cache, tokenizer speed, and the peak memory of training on big ASCII and non-ASCII files. A
+benchmark prints numbers; the tests never time anything."""
 
 import argparse
 import os
@@ -136,24 +136,26 @@ def main():
     print(f"\ntokenizing {mb:.0f} MB: char {mb / t_char:,.0f} MB/s, bpe (batch encoder) {mb / t_bpe:,.1f} MB/s")
 
     with tempfile.TemporaryDirectory() as d:   # peak memory of a real training run, in a child process
-        path = os.path.join(d, "big.txt")
-        with open(path, "w") as f:
-            for _ in range(3 if a.quick else 25):
-                f.write(text[:4 * 2 ** 20])
-        # the child reports its own high-water mark (VmHWM): ru_maxrss of a child would also count
-        # this process's memory, which the child shares until it starts Python afresh
-        args = ["train", "--data", path, "--max-iters", "5", "--eval-interval", "5",
-                "--out", os.path.join(d, "m.pt"), "--cache-dir", d]
-        code = ("import runpy, sys\nsys.argv = [%r] + %r\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-                "finally:\n    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
-                % (os.path.join(ROOT, "tinyllm.py"), args))
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        hwm = [l for l in p.stdout.splitlines() if l.startswith("VmHWM")]
-        if p.returncode or not hwm:
-            print(p.stdout[-2000:], p.stderr[-2000:])
-        else:
-            mib = int(hwm[0].split()[1]) / 1024
-            print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB file: {mib:,.0f} MiB")
+        chunk = text[:4 * 2 ** 20]
+        for kind, part in (("ASCII", chunk), ("non-ASCII", chunk.replace("a", "\u00e4").replace("o", "\u00f6"))):
+            path = os.path.join(d, f"big-{kind}.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                for _ in range(max(1, (3 if a.quick else 100) * 2 ** 20 // len(part.encode()))):
+                    f.write(part)
+            # the child reports its own high-water mark (VmHWM): ru_maxrss of a child would also count
+            # this process's memory, which the child shares until it starts Python afresh
+            args = ["train", "--data", path, "--max-iters", "5", "--eval-interval", "5",
+                    "--out", os.path.join(d, "m.pt"), "--cache-dir", d, "--overwrite"]
+            code = ("import runpy, sys\nsys.argv = [%r] + %r\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                    "finally:\n    print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+                    % (os.path.join(ROOT, "tinyllm.py"), args))
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            hwm = [l for l in p.stdout.splitlines() if l.startswith("VmHWM")]
+            if p.returncode or not hwm:
+                print(p.stdout[-2000:], p.stderr[-2000:])
+            else:
+                mib = int(hwm[0].split()[1]) / 1024
+                print(f"peak memory of training on a {os.path.getsize(path) / 2 ** 20:.0f} MB {kind} file: {mib:,.0f} MiB")
 
 
 def cuda_bench(r):
