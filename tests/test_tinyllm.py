@@ -420,7 +420,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_compile_time_is_not_spent_from_the_budget(tmp_path):
+def test_compile_time_is_not_counted_in_the_budget(tmp_path):
     # compiling takes seconds in the first step; if it counted, a short budget (and the time-based
     # warm-up) would be over after one step
     data = tmp_path / "d.txt"
