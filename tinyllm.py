@@ -844,7 +844,7 @@ class TrainSettings:
     out: str = "checkpoints/tinyllm.pt"
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     warmup: float = 0.03           # share of the run spent warming up
     max_iters: int = 1_000_000
@@ -1450,8 +1450,9 @@ def cmd_train(a):
     torch.manual_seed(a.seed)
 
     thinking = not a.data
-    a.block_size = a.block_size or (320 if thinking else 128)   # both measured in 10-minute runs (README)
+    a.block_size = a.block_size or (320 if thinking else 128)   # all three measured in 10-minute runs (README)
     a.batch_size = a.batch_size or (8 if thinking else 16)
+    a.lr = a.lr or (2e-3 if thinking else 3e-3)
     if resume is not None:
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
@@ -1708,7 +1709,8 @@ def build_parser():
     t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "
                    "corpus, 16 on --data (both chosen by 10-minute runs, see the README)")
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
-    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True), default=3e-3, help="peak learning rate")
+    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True),
+                   help="peak learning rate (default: 2e-3 on the built-in corpus, 3e-3 on --data)")
     t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
     t.add_argument("--max-iters", type=positive(int, "--max-iters", 1), default=1_000_000, help="stop after this many steps")
     t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0), default=9.5,

@@ -310,6 +310,7 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
                 "--out", ck, "--dtype", "fp32", "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode == 0, r.stderr
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
+    assert "batch 8 x 32, lr 0.003," in r.stdout   # the learning rate chosen for text (README, Speed)
     assert os.path.exists(T.best_path(ck))
     g = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
                 "--temperature", "0.8", "--top-k", "5", "--seed", "1")
@@ -333,6 +334,7 @@ def test_cli_thinking_corpus_train_and_eval(tmp_path):
                 "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2", "--out", ck)
     assert r.returncode == 0, r.stderr
     assert "held-out accuracy" in r.stdout
+    assert "batch 4 x 320, lr 0.002," in r.stdout   # the built-in corpus's own defaults (README, Results)
     e = run_cli("eval", "--checkpoint", ck, "-n", "7", "--json")
     s = json.loads(e.stdout)
     assert e.returncode == 0 and s["n"] == 7 and 0 <= s["accuracy"] <= 1 and "per_family" in s
