@@ -8,7 +8,7 @@ a pupil's, ending in an `Answer: N` line that evaluation reads.
 
 Three commands to try:
     python tinyllm.py train                      # ~10 minutes on a laptop CPU, under 2M parameters
-    python tinyllm.py generate --prompt "Q: Tom has 12 apples. He gives away 5. How many apples does Tom have now?\\nA:"
+    python tinyllm.py generate --prompt "Q: Tom has 12 apples. Tom gives away 5. How many apples does Tom have now?\\nA:"
     python tinyllm.py eval -n 200                # how many held-out problems it gets right
 Speed measurements live outside the lesson, in tests/bench.py.
 
