@@ -161,13 +161,15 @@ def encode_many(tokenizer, texts):
 #
 # Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
 # borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). Products add one
-# group at a time and say how many of how many: "3 x 7: 7 (1/3), 7 + 7 = 14 (2/3), 14 + 7 = 21 (3/3),
-# so 3 x 7 = 21."; divisions take a group away until nothing is left: "12 / 4: 12 - 4 = 8 (1),
-# 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides when to stop by
-# looking at the step it just wrote, not at a number far back in the question.
-# A problem of several steps first copies its numbers in order ("34 + 12 - 22 + 9."), then works
-# one step at a time. Copying the whole chain is easy for the model; finding the number of each later
-# step in it is the hardest thing it learns here (the README shows how often it fails).
+# group at a time and count down the groups still to add: "3 x 7: 7 (2 left), 7 + 7 = 14 (1 left),
+# 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until nothing is left:
+# "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides
+# when to stop by reading a 0 in the step it just wrote, not by comparing numbers far apart.
+# A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
+# step at a time, each after the first headed by the chain up to it: "34 + 12 - 22: 46 - 22: ...".
+# Each header is the previous one and the next number of the chain, so the model finds that number
+# by a short copy, not by counting its way along the chain (without the headers, some 10-minute
+# runs never learned multi-step problems: README, run 13).
 # The working never names people or objects, so any names and objects in a question work.
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
@@ -226,10 +228,10 @@ def column_working(a, op, b):
 
 
 def times_working(groups, size):
-    """groups x size by adding one group at a time; "(3/4)" counts groups so far out of all of them."""
-    parts, s = [f"{size} (1/{groups})"], size
+    """groups x size by adding one group at a time; "(2 left)" counts the groups still to add."""
+    parts, s = [f"{size} ({groups - 1} left)"], size
     for k in range(2, groups + 1):
-        parts.append(f"{s} + {size} = {s + size} ({k}/{groups})")
+        parts.append(f"{s} + {size} = {s + size} ({groups - k} left)")
         s += size
     return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {s}.", s
 
@@ -319,7 +321,7 @@ def make_problem(rng, family, steps=None):
                 q += " " + rng.choice([f"{n} gets {x} more.", f"{n} finds {x} more.", f"{n} buys {x} more."])
                 w, r = column_working(s, "+", x)
                 chain += f" + {x}"
-            works.append(w)
+            works.append(w if len(works) == 0 else f"{chain}: {w}")   # step k: the chain up to it, then the step
             pairs.append((s, x))
             s = r
         q += f" How many {obj} does {n} have now?"

@@ -2,6 +2,8 @@
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -81,6 +83,37 @@ def test_column_working_is_right_for_many_numbers():
                 work, r = T.column_working(a, "-", b)
                 assert r == a - b
                 assert all(T.check_equation(l, rr) for l, rr in T.EQUATION.findall(work))
+
+
+def test_products_count_down_to_zero_and_stop():
+    work, r = T.times_working(4, 7)
+    assert r == 28 and work == ("4 x 7: 7 (3 left), 7 + 7 = 14 (2 left), 14 + 7 = 21 (1 left), "
+                                "21 + 7 = 28 (0 left), so 4 x 7 = 28.")
+    for groups in range(2, 10):
+        for size in range(2, 10):
+            work, r = T.times_working(groups, size)
+            counts = [int(c) for c in re.findall(r"\((\d+) left\)", work)]
+            assert r == groups * size and counts == list(range(groups - 1, -1, -1))
+            assert work.endswith(f"(0 left), so {groups} x {size} = {r}.")
+
+
+def test_multistep_steps_are_headed_by_the_chain_so_far():
+    rng = random.Random(3)
+    for _ in range(300):
+        p = T.make_problem(rng, "multistep", steps=rng.randint(2, 4))
+        chain, work = p["working"].split(". ", 1)          # "34 + 12 - 22", then the steps
+        parts = chain.split(" ")                            # ["34", "+", "12", "-", "22"]
+        assert len(parts) == 2 * p["steps"] + 1
+        value = int(parts[0])
+        for k in range(1, p["steps"] + 1):
+            op, x = parts[2 * k - 1], int(parts[2 * k])
+            step = f"{value} {op} {x}"
+            if k > 1:   # step k repeats the chain up to it, then names the step it takes
+                step = " ".join(parts[:2 * k + 1]) + ": " + step
+            assert work.startswith(step), (k, work)
+            value = value + x if op == "+" else value - x
+            work = work[work.index(f"= {value}.") + len(f"= {value}."):].lstrip()
+        assert work == "" and value == p["answer"]
 
 
 def test_corpus_is_valid_seeded_and_held_out():
