@@ -764,8 +764,9 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(ROOT, "tinyllm.py"), *small_train_args(data, out, "--max-iters", "30"),
                         "--dropout", "0", "--eval-interval", "10", "--device", "cpu"],   # gloo, even beside a GPU
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+                       capture_output=True, text=True, timeout=300,   # a rank that aborts prints its Python stack
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+    assert r.returncode == 0, r.stderr[-8000:]
     assert "2 ranks, largest weight difference from rank 0: 0\n" in r.stdout
     assert r.stdout.count("step 30:") == 1   # rank 0 alone reports
     _, rows = T.read_log(str(out))
