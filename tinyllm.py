@@ -170,7 +170,8 @@ def encode_many(tokenizer, texts):
 # Each header is the previous one and the next number of the chain, so the model finds that number
 # by a short copy, not by counting its way along the chain (without the headers, some 10-minute
 # runs never learned multi-step problems: README, run 13).
-# The working never names people or objects, so any names and objects in a question work.
+# The working never names people or objects, so it does not depend on them; the model still leans on
+# the names it was trained with (other names cost accuracy: README, Names outside the lists).
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
 #   questions  fresh questions, none appearing verbatim in the training text
