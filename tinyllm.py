@@ -322,7 +322,7 @@ def make_problem(rng, family, steps=None):
                 q += " " + rng.choice([f"{n} gets {x} more.", f"{n} finds {x} more.", f"{n} buys {x} more."])
                 w, r = column_working(s, "+", x)
                 chain += f" + {x}"
-            works.append(w if len(works) == 0 else f"{chain}: {w}")   # step k: the chain up to it, then the step
+            works.append(f"{chain}: {w}" if works else w)   # step k: the chain up to it, then the step
             pairs.append((s, x))
             s = r
         q += f" How many {obj} does {n} have now?"
@@ -489,6 +489,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, mask, cache=None):
+        """x (B, T, C) -> (B, T, C). mask (1 or B, 1, T, T_past + T), made by GPT.forward: True where a
+        query may look, for the fused kernel; 0 there and -inf elsewhere, to add, for the plain math."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -591,8 +593,8 @@ class GPT(nn.Module):
             mask = ((self.causal[past:past + T, :past + T] & valid[:, None, :past + T]) | own).unsqueeze(1)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.cfg.block_size}")
-        if not (self.cfg.fused_attention or idx.is_cuda):   # the plain math adds the mask (0 or -inf),
-            mask = torch.zeros(mask.shape, device=idx.device).masked_fill(~mask, float("-inf"))   # made once here
+        if not (self.cfg.fused_attention or idx.is_cuda):   # the plain math adds the mask to the scores:
+            mask = torch.zeros(mask.shape, device=idx.device).masked_fill(~mask, float("-inf"))   # 0 or -inf, once for all layers
         x = self.drop(self.wte(idx) + self.wpe(pos))   # (B, T, n_embd)
         for i, block in enumerate(self.h):
             x = block(x, mask, caches[i] if caches is not None else None)
