@@ -165,13 +165,18 @@ def encode_many(tokenizer, texts):
 # 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until nothing is left:
 # "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides
 # when to stop by reading a 0 in the step it just wrote, not by comparing numbers far apart.
+# A comparison whose smaller number comes first counts up from it: "14 + ? = 38: 4 + 4 = 8,
+# 1 + 2 = 3, so 38 - 14 = 24." (each column adds the digit that lands on 38's digit). So the numbers
+# are always copied in the question's order: copying the second one first was what compare problems
+# got wrong (README, run 18).
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
 # step at a time, each after the first headed by the chain up to it: "34 + 12 - 22: 46 - 22: ...".
 # Each header is the previous one and the next number of the chain, so the model finds that number
 # by a short copy, not by counting its way along the chain (without the headers, some 10-minute
 # runs never learned multi-step problems: README, run 13).
-# The working never names people or objects, so it does not depend on them; the model still leans on
-# the names it was trained with (other names cost accuracy: README, Names outside the lists).
+# The working never names people or objects, so it does not depend on them. Names are drawn from a
+# list, invented ("Vigaze"), or given a title ("Prof. Ravi": a full stop that does not end the
+# sentence), so that names the lists never had cost little (README, Names outside the lists).
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
 #   questions  fresh questions, none appearing verbatim in the training text
@@ -190,8 +195,12 @@ OBJECTS = ("apples pencils marbles stickers books cookies cards shells coins sta
            "lemons ribbons spoons cups boxes bottles leaves acorns nuts seeds bricks blocks "
            "bananas carrots tickets feathers marbles peaches paper-clips dolls kites socks hats").split()
 SYLLABLES = "ka lo mi ra ne to su vi da el an or is ul be fo ga hi jo ze".split()
+TITLES = "Miss Aunt Grandma Coach Prof. Sgt. Lt. Gen.".split()
 HELD_OUT_FACTS = {(3, 8), (4, 7), (6, 9), (7, 8)}   # with both orders: 8 x 3, 7 x 4, ... are held out too
 FAMILIES = ["add", "take", "compare", "groups", "share", "sum", "multistep"]
+# Training draws the families in these shares: twice as much of the three that take longest to learn
+# (compare decides which number is bigger, sum has three columns, multistep chains several steps).
+TRAINING_MIX = ["add", "take", "compare", "compare", "groups", "share", "sum", "sum", "multistep", "multistep"]
 MAX_PROBLEM_CHARS = 300   # every problem but the steps4 probe fits the default block_size of 320
 
 
@@ -228,6 +237,18 @@ def column_working(a, op, b):
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {result}.", result
 
 
+def count_up_working(a, b):
+    """How many more b is than a (a < b), counted up from a, in the question's order: a + ? = b."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(len(db)):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i])
+        d = (y - x - carry) % 10   # the digit that, added to this column, makes b's digit
+        steps.append(f"{x} + {d}{' + 1' if carry else ''} = {x + d + carry}")
+        carry = (x + d + carry) // 10
+    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so {b} - {a} = {b - a}.", b - a
+
+
 def times_working(groups, size):
     """groups x size by adding one group at a time; "(2 left)" counts the groups still to add."""
     parts, s = [f"{size} ({groups - 1} left)"], size
@@ -247,8 +268,11 @@ def divide_working(total, size):
 
 
 def random_name(rng):
-    if rng.random() < 0.25:   # invented names teach the model that names do not matter
-        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+    r = rng.random()
+    if r < 0.25:   # invented names teach the model that names do not matter
+        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+    if r < 0.4:    # and titles, some with a full stop that does not end the sentence
+        return rng.choice(TITLES) + " " + rng.choice(NAMES)
     return rng.choice(NAMES)
 
 
@@ -276,13 +300,15 @@ def make_problem(rng, family, steps=None):
                 f"There were {a} {obj} on the table. {n} took {b}. How many {obj} are left?",
                 f"{n} had {a} {obj} and lost {b} of them. How many {obj} are left?",
                 f"{n} has {a} {obj} and uses {b}. How many {obj} does {n} have left?"])
+            work, ans = column_working(a, "-", b)
         else:
-            q = rng.choice([
-                f"{n} has {a} {obj}. {m} has {b} {obj}. How many more {obj} does {n} have than {m}?",
-                f"{n} has {b} {obj}. {m} has {a} {obj}. How many more {obj} does {m} have than {n}?",
-                f"{n} has {a} {obj} and {m} has {b}. How many fewer {obj} does {m} have than {n}?",
-                f"{n} read {b} pages. {m} read {a} pages. How many more pages did {m} read?"])
-        work, ans = column_working(a, "-", b)   # the bigger number first, whatever the question's order
+            q, small_first = rng.choice([
+                (f"{n} has {a} {obj}. {m} has {b} {obj}. How many more {obj} does {n} have than {m}?", False),
+                (f"{n} has {b} {obj}. {m} has {a} {obj}. How many more {obj} does {m} have than {n}?", True),
+                (f"{n} has {a} {obj} and {m} has {b}. How many fewer {obj} does {m} have than {n}?", False),
+                (f"{n} read {b} pages. {m} read {a} pages. How many more pages did {m} read?", True)])
+            # the smaller number first: count up from it, so both are copied in the question's order
+            work, ans = count_up_working(b, a) if small_first else column_working(a, "-", b)
         pairs.append((a, b))
     elif family == "groups":
         a, b = rng.randint(2, 9), rng.randint(2, 9)
@@ -369,11 +395,11 @@ def make_split(split, n, seed):
 
 
 def make_training_problems(n, seed, exclude_questions):
-    """n problems, the families in equal shares, none held out by any rule or asked in evaluation."""
+    """n problems, the families in TRAINING_MIX's shares, none held out by any rule or asked in evaluation."""
     rng = random.Random(f"train-{seed}")
     out = []
     while len(out) < n:
-        p = make_problem(rng, FAMILIES[len(out) % len(FAMILIES)])
+        p = make_problem(rng, TRAINING_MIX[len(out) % len(TRAINING_MIX)])
         if is_training_allowed(p) and p["question"] not in exclude_questions:
             out.append(p)
     return out

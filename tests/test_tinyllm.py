@@ -1,5 +1,6 @@
 """Tests of tinyllm: small configs, real assertions. Run with `python -m pytest -q tests`."""
 
+import collections
 import json
 import os
 import random
@@ -85,6 +86,25 @@ def test_column_working_is_right_for_many_numbers():
                 assert all(T.check_equation(l, rr) for l, rr in T.EQUATION.findall(work))
 
 
+def test_compare_counts_up_when_the_smaller_number_comes_first():
+    assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so 33 - 29 = 4.", 4)
+    for a in range(1, 100):
+        for b in range(a + 1, 100):
+            work, r = T.count_up_working(a, b)
+            eqs = T.EQUATION.findall(work)
+            assert r == b - a and all(T.check_equation(l, s) for l, s in eqs)
+            columns = eqs[:-1]                                   # ones first, then tens
+            assert [int(s) % 10 for _, s in columns] == [int(d) for d in str(b)[::-1]]
+            ups = "".join(l.split()[2] for l, _ in columns)[::-1]   # the digits counted up
+            assert int(ups) == b - a and eqs[-1] == (f"{b} - {a}", str(b - a))
+    rng = random.Random(5)
+    for _ in range(300):
+        p = T.make_problem(rng, "compare")
+        first, second = [int(x) for x in re.findall(r"\d+", p["question"])]
+        start = f"{first} + ? = {second}:" if first < second else f"{first} - {second}"
+        assert p["working"].startswith(start) and p["answer"] == abs(first - second)
+
+
 def test_products_count_down_to_zero_and_stop():
     work, r = T.times_working(4, 7)
     assert r == 28 and work == ("4 x 7: 7 (3 left), 7 + 7 = 14 (2 left), 14 + 7 = 21 (1 left), "
@@ -122,7 +142,9 @@ def test_corpus_is_valid_seeded_and_held_out():
     assert [p["question"] for p in train] == [p["question"] for p in again]   # reproducible
     T.validate_corpus(train, set())                                            # every equation true
     text = "\n".join("".join(T.problem_text(p)) for p in train)
-    assert {p["family"] for p in train} == set(T.FAMILIES)
+    counts = collections.Counter(p["family"] for p in train)                    # the mix's shares
+    assert counts == {f: 3000 * T.TRAINING_MIX.count(f) // len(T.TRAINING_MIX) for f in T.FAMILIES}
+    assert re.search(r"(Prof|Sgt|Lt|Gen)\. [A-Z]", text)                         # titles with a full stop
     held = {s: T.make_split(s, 300, seed=0) for s in T.SPLITS}
     train_q = {p["question"] for p in train}
     for split, problems in held.items():
