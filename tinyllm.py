@@ -244,8 +244,9 @@ def count_up_working(a, b):
     for i in range(len(db)):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i])
         d = (y - x - carry) % 10   # the digit that, added to this column, makes b's digit
-        steps.append(f"{x} + {d}{' + 1' if carry else ''} = {x + d + carry}")
-        carry = (x + d + carry) // 10
+        s = x + d + carry
+        steps.append(f"{x} + {d}{' + 1' if carry else ''} = {s}")
+        carry = s // 10
     return f"{a} + ? = {b}: " + ", ".join(steps) + f", so {b} - {a} = {b - a}.", b - a
 
 
@@ -619,8 +620,10 @@ class GPT(nn.Module):
             mask = ((self.causal[past:past + T, :past + T] & valid[:, None, :past + T]) | own).unsqueeze(1)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.cfg.block_size}")
-        if not (self.cfg.fused_attention or idx.is_cuda):   # the plain math adds the mask to the scores:
-            mask = torch.zeros(mask.shape, device=idx.device).masked_fill(~mask, float("-inf"))   # 0 or -inf, once for all layers
+        if not (self.cfg.fused_attention or idx.is_cuda):
+            # the plain math adds the mask to the scores: 0 where a query may look, -inf elsewhere,
+            # made once here for all layers
+            mask = torch.zeros(mask.shape, device=idx.device).masked_fill(~mask, float("-inf"))
         x = self.drop(self.wte(idx) + self.wpe(pos))   # (B, T, n_embd)
         for i, block in enumerate(self.h):
             x = block(x, mask, caches[i] if caches is not None else None)
