@@ -160,7 +160,9 @@ def encode_many(tokenizer, texts):
 #   Answer: 82
 #
 # Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
-# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). Products add one
+# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). A difference is read
+# off its columns before the 0s in front are dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 =
+# 05 = 5." (read as "55", it was what multi-step problems got wrong: README, run 19). Products add one
 # group at a time and count down the groups still to add: "3 x 7: 7 (2 left), 7 + 7 = 14 (1 left),
 # 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until nothing is left:
 # "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides
@@ -233,8 +235,10 @@ def column_working(a, op, b):
             steps.append(f"{top}{' - 1' if carry else ''} - {y} = {s}")
             carry = 1 if top != x else 0
     # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
-    # ones digits from left to right
-    return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {result}.", result
+    # ones digits from left to right; a difference first reads every column, 0s in front included
+    padded = "".join(s.split(" = ")[1][-1] for s in reversed(steps))
+    shown = f"{padded} = {result}" if op == "-" and padded != str(result) else str(result)
+    return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
 
 
 def count_up_working(a, b):

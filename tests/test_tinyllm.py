@@ -86,6 +86,19 @@ def test_column_working_is_right_for_many_numbers():
                 assert all(T.check_equation(l, rr) for l, rr in T.EQUATION.findall(work))
 
 
+def test_a_difference_reads_its_columns_before_dropping_the_0s_in_front():
+    assert T.column_working(16, "-", 11)[0] == "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 = 05 = 5."
+    assert T.column_working(300, "-", 298)[0].endswith("so 300 - 298 = 002 = 2.")
+    assert T.column_working(47, "-", 12)[0].endswith("so 47 - 12 = 35.")      # no 0 in front: as before
+    assert T.column_working(16, "+", 11)[0].endswith("so 16 + 11 = 27.")
+    for a in range(10, 1000, 3):
+        for b in range(0, a + 1, 7):
+            work = T.column_working(a, "-", b)[0]
+            columns = [int(s) for _, s in T.EQUATION.findall(work)[:-1]]   # ones first
+            read = "".join(str(c % 10) for c in reversed(columns))
+            assert work.endswith(f"= {read} = {a - b}." if read != str(a - b) else f"= {a - b}.")
+
+
 def test_compare_counts_up_when_the_smaller_number_comes_first():
     assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so 33 - 29 = 4.", 4)
     for a in range(1, 100):
