@@ -236,7 +236,7 @@ def column_working(a, op, b):
             carry = 1 if top != x else 0
     # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
     # ones digits from left to right; a difference first reads every column, 0s in front included
-    padded = "".join(s.split(" = ")[1][-1] for s in reversed(steps))
+    padded = "".join(step.split(" = ")[1][-1] for step in reversed(steps))
     shown = f"{padded} = {result}" if op == "-" and padded != str(result) else str(result)
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
 
