@@ -162,11 +162,12 @@ def encode_many(tokenizer, texts):
 # Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
 # borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). A difference is read
 # off its columns before the 0s in front are dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 =
-# 05 = 5." (read as "55", it was what multi-step problems got wrong: README, run 19). Products add one
-# group at a time and count down the groups still to add: "3 x 7: 7 (2 left), 7 + 7 = 14 (1 left),
-# 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until nothing is left:
-# "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either way the model decides
-# when to stop by reading a 0 in the step it just wrote, not by comparing numbers far apart.
+# 05 = 5." (when "= 5" came straight after the columns, models wrote "= 55": README, run 19).
+# Products add one group at a time and count down the groups still to add: "3 x 7: 7 (2 left),
+# 7 + 7 = 14 (1 left), 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until
+# nothing is left: "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either
+# way the model decides when to stop by reading a 0 in the step it just wrote, not by comparing
+# numbers far apart.
 # A comparison whose smaller number comes first counts up from it: "14 + ? = 38: 4 + 4 = 8,
 # 1 + 2 = 3, so 38 - 14 = 24." (each column adds the digit that lands on 38's digit). So the numbers
 # are always copied in the question's order: copying the second one first was what compare problems
@@ -222,7 +223,7 @@ def column_working(a, op, b):
     if a < 10 and b < 10:
         return f"{a} {op} {b} = {result}.", result
     da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry = [], 0
+    steps, carry, digits = [], 0, []   # digits: a difference's column results, ones first
     for i in range(max(len(da), len(db))):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
         if op == "+":
@@ -233,11 +234,12 @@ def column_working(a, op, b):
             top = x + 10 if x - carry < y else x   # borrow from the next column when we must
             s = top - carry - y
             steps.append(f"{top}{' - 1' if carry else ''} - {y} = {s}")
+            digits.append(str(s))
             carry = 1 if top != x else 0
     # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
     # ones digits from left to right; a difference first reads every column, 0s in front included
-    padded = "".join(step.split(" = ")[1][-1] for step in reversed(steps))
-    shown = f"{padded} = {result}" if op == "-" and padded != str(result) else str(result)
+    read = "".join(reversed(digits))
+    shown = f"{read} = {result}" if op == "-" and read != str(result) else str(result)
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
 
 
