@@ -168,10 +168,14 @@ def encode_many(tokenizer, texts):
 # nothing is left: "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either
 # way the model decides when to stop by reading a 0 in the step it just wrote, not by comparing
 # numbers far apart.
-# A comparison whose smaller number comes first counts up from it: "14 + ? = 38: 4 + 4 = 8,
-# 1 + 2 = 3, so 38 - 14 = 24." (each column adds the digit that lands on 38's digit). So the numbers
-# are always copied in the question's order: copying the second one first was what compare problems
-# got wrong (README, run 18).
+# A comparison first says which number is more, digit by digit from the left ("54 vs 52: 5 = 5,
+# 4 > 2."), so the method follows a sign just written (README, run 20). The bigger number first: it
+# subtracts. The smaller first: it counts up from it, "14 + ? = 38: 4 + 4 = 8, 1 + 2 = 3, so ? = 24."
+# (each column adds the digit that lands on 38's digit; ? is read off those digits, as a difference
+# is read off its columns: README, run 21). So the numbers are always copied in the question's order:
+# copying the second one first was what compare problems got wrong (README, run 18). Every wording
+# comes in both orders, so the sign must be read from the digits: when some wordings always gave
+# the bigger number first, models wrote "54 vs 52: 5 < 5." to fit the wording (README, run 22).
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
 # step at a time, each after the first headed by the chain up to it: "34 + 12 - 22: 46 - 22: ...".
 # Each header is the previous one and the next number of the chain, so the model finds that number
@@ -246,14 +250,28 @@ def column_working(a, op, b):
 def count_up_working(a, b):
     """How many more b is than a (a < b), counted up from a, in the question's order: a + ? = b."""
     da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry = [], 0
+    steps, carry, digits = [], 0, []
     for i in range(len(db)):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i])
         d = (y - x - carry) % 10   # the digit that, added to this column, makes b's digit
         s = x + d + carry
         steps.append(f"{x} + {d}{' + 1' if carry else ''} = {s}")
+        digits.append(str(d))
         carry = s // 10
-    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so {b} - {a} = {b - a}.", b - a
+    read = "".join(reversed(digits))   # the digits added, read from the left, 0s in front included
+    shown = f"{read} = {b - a}" if read != str(b - a) else str(b - a)
+    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so ? = {shown}.", b - a
+
+
+def which_is_more(x, y):
+    """Which of x, y is more, read digit by digit from the left until two differ: "54 vs 52: 5 = 5, 4 > 2."."""
+    w = max(len(str(x)), len(str(y)))
+    parts = []
+    for dx, dy in zip(str(x).zfill(w), str(y).zfill(w)):
+        parts.append(f"{dx} {'<' if dx < dy else '>' if dx > dy else '='} {dy}")
+        if dx != dy:
+            break
+    return f"{x} vs {y}: " + ", ".join(parts) + "."
 
 
 def times_working(groups, size):
@@ -309,13 +327,16 @@ def make_problem(rng, family, steps=None):
                 f"{n} has {a} {obj} and uses {b}. How many {obj} does {n} have left?"])
             work, ans = column_working(a, "-", b)
         else:
-            q, small_first = rng.choice([
-                (f"{n} has {a} {obj}. {m} has {b} {obj}. How many more {obj} does {n} have than {m}?", False),
-                (f"{n} has {b} {obj}. {m} has {a} {obj}. How many more {obj} does {m} have than {n}?", True),
-                (f"{n} has {a} {obj} and {m} has {b}. How many fewer {obj} does {m} have than {n}?", False),
-                (f"{n} read {b} pages. {m} read {a} pages. How many more pages did {m} read?", True)])
+            small_first = rng.random() < 0.5   # either order in every wording: only the numbers say which
+            x, y = (b, a) if small_first else (a, b)         # is more. x, y: in the question's order
+            big, small = (m, n) if small_first else (n, m)   # n has x, m has y
+            q = rng.choice([
+                f"{n} has {x} {obj}. {m} has {y} {obj}. How many more {obj} does {big} have than {small}?",
+                f"{n} has {x} {obj} and {m} has {y}. How many fewer {obj} does {small} have than {big}?",
+                f"{n} read {x} pages. {m} read {y} pages. How many more pages did {big} read?"])
             # the smaller number first: count up from it, so both are copied in the question's order
-            work, ans = count_up_working(b, a) if small_first else column_working(a, "-", b)
+            work, ans = count_up_working(x, y) if small_first else column_working(x, "-", y)
+            work = which_is_more(x, y) + " " + work
         pairs.append((a, b))
     elif family == "groups":
         a, b = rng.randint(2, 9), rng.randint(2, 9)
@@ -413,6 +434,8 @@ def make_training_problems(n, seed, exclude_questions):
 
 
 EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
+LAST_VALUE = re.compile(r"= (\d+)\.")   # the value a working ends at: "so 47 + 35 = 82.", "so ? = 24."
+COMPARISON = re.compile(r"(\d+) vs (\d+): [^.]*\.")
 
 
 def check_equation(lhs, rhs):
@@ -441,7 +464,7 @@ def validate_corpus(problems, held_out_questions):
         eqs = EQUATION.findall(p["working"])
         if not eqs or not all(check_equation(l, r) for l, r in eqs):
             raise AssertionError(f"false equation in working: {text!r}")
-        if int(eqs[-1][1]) != p["answer"]:
+        if int(LAST_VALUE.findall(p["working"])[-1]) != p["answer"]:
             raise AssertionError(f"the working does not end at the answer: {text!r}")
         if p["question"] in held_out_questions:
             raise AssertionError(f"a held-out question is in the training data: {p['question']!r}")
@@ -1139,10 +1162,12 @@ def score_reply(reply, answer):
     """Read one reply: its answer, whether it is right, and whether its working holds up."""
     m = ANSWER.search(reply)
     got = int(m.group(1)) if m else None
-    eqs = EQUATION.findall(reply[:m.start()] if m else reply)
+    work = reply[:m.start()] if m else reply
+    eqs, last = EQUATION.findall(work), LAST_VALUE.findall(work)
+    comparisons_ok = all(c.group(0) == which_is_more(int(c[1]), int(c[2])) for c in COMPARISON.finditer(work))
     return {"got": got, "correct": got == answer, "format_ok": m is not None,
-            "equations_ok": bool(eqs) and all(check_equation(l, r) for l, r in eqs),
-            "answer_is_last": bool(eqs) and got is not None and int(eqs[-1][1]) == got}
+            "equations_ok": bool(eqs) and all(check_equation(l, r) for l, r in eqs) and comparisons_ok,
+            "answer_is_last": bool(last) and got is not None and int(last[-1]) == got}
 
 
 def baselines(question):

@@ -99,23 +99,36 @@ def test_a_difference_reads_its_columns_before_dropping_the_0s_in_front():
             assert work.endswith(f"= {read} = {a - b}." if read != str(a - b) else f"= {a - b}.")
 
 
-def test_compare_counts_up_when_the_smaller_number_comes_first():
-    assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so 33 - 29 = 4.", 4)
+def test_compare_says_which_is_more_then_counts_up_when_the_smaller_number_comes_first():
+    assert T.which_is_more(54, 52) == "54 vs 52: 5 = 5, 4 > 2."
+    assert T.which_is_more(7, 13) == "7 vs 13: 0 < 1."        # the shorter number gets a 0 in front
+    for x in range(0, 120):
+        for y in range(0, 120):
+            signs = re.findall(r"(\d) ([<>=]) (\d)", T.which_is_more(x, y))
+            assert all(s == "=" for _, s, _ in signs[:-1])          # it stops at the first digits that differ
+            last = signs[-1][1]
+            assert last == ("<" if x < y else ">" if x > y else "=")
+    assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so ? = 04 = 4.", 4)
+    assert T.count_up_working(14, 38)[0].endswith("so ? = 24.")    # no 0 in front: read as it is
     for a in range(1, 100):
         for b in range(a + 1, 100):
             work, r = T.count_up_working(a, b)
             eqs = T.EQUATION.findall(work)
             assert r == b - a and all(T.check_equation(l, s) for l, s in eqs)
-            columns = eqs[:-1]                                   # ones first, then tens
-            assert [int(s) % 10 for _, s in columns] == [int(d) for d in str(b)[::-1]]
-            ups = "".join(l.split()[2] for l, _ in columns)[::-1]   # the digits counted up
-            assert int(ups) == b - a and eqs[-1] == (f"{b} - {a}", str(b - a))
-    rng = random.Random(5)
+            assert [int(s) % 10 for _, s in eqs] == [int(d) for d in str(b)[::-1]]   # each column lands on b
+            ups = "".join(l.split()[2] for l, _ in eqs)[::-1]   # the digits counted up, read from the left
+            assert work.endswith(f"so ? = {ups} = {b - a}." if ups != str(b - a) else f"so ? = {b - a}.")
+            assert int(T.LAST_VALUE.findall(work)[-1]) == b - a
+    rng, orders = random.Random(5), {}
     for _ in range(300):
         p = T.make_problem(rng, "compare")
         first, second = [int(x) for x in re.findall(r"\d+", p["question"])]
-        start = f"{first} + ? = {second}:" if first < second else f"{first} - {second}"
-        assert p["working"].startswith(start) and p["answer"] == abs(first - second)
+        method = f"{first} + ? = {second}:" if first < second else f"{first} - {second}"
+        assert p["working"].startswith(T.which_is_more(first, second) + " " + method)
+        assert p["answer"] == abs(first - second)
+        wording = next(w for w in ("fewer", "pages did", "more") if w in p["question"])
+        orders.setdefault(wording, set()).add(first < second)
+    assert orders == {w: {True, False} for w in ("fewer", "pages did", "more")}   # the wording never tells
 
 
 def test_products_count_down_to_zero_and_stop():
@@ -346,6 +359,11 @@ def test_score_reply_on_hand_written_replies():
     assert not missing["correct"] and not missing["format_ok"]
     assert T.score_reply(" 2 x 3: 3 (1), 3 + 3 = 6 (2), so 2 x 3 = 6.\nAnswer: 6", 6)["equations_ok"]
     assert not T.check_equation("7 / 2", "3")
+    counted = " 35 vs 98: 3 < 9. 35 + ? = 98: 5 + 3 = 8, 3 + 6 = 9, so ? = 63.\nAnswer: 63"
+    assert T.score_reply(counted, 63) == dict(got=63, correct=True, format_ok=True, equations_ok=True,
+                                              answer_is_last=True)
+    false_sign = T.score_reply(" 49 vs 48: 4 < 4. 48 + ? = 49: 8 + 1 = 9, 4 + 0 = 4, so ? = 1.\nAnswer: 1", 1)
+    assert false_sign["correct"] and not false_sign["equations_ok"]   # a false comparison is a false step
 
 
 def test_wilson_interval():
