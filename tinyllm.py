@@ -242,15 +242,21 @@ def column_working(a, op, b):
             carry = 1 if top != x else 0
     # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
     # ones digits from left to right; a difference first reads every column, 0s in front included
-    read = "".join(reversed(digits))
-    shown = f"{read} = {result}" if op == "-" and read != str(result) else str(result)
+    shown = read_off(digits, result) if op == "-" else str(result)
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
+
+
+def read_off(digits, value):
+    """Column digits (ones first) read from the left, 0s in front included, then without them:
+    ["5", "0"] and 5 give "05 = 5"; ["4", "2"] and 24 give "24"."""
+    read = "".join(reversed(digits))
+    return f"{read} = {value}" if read != str(value) else str(value)
 
 
 def count_up_working(a, b):
     """How many more b is than a (a < b), counted up from a, in the question's order: a + ? = b."""
     da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry, digits = [], 0, []
+    steps, carry, digits = [], 0, []   # digits: the digits added, ones first
     for i in range(len(db)):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i])
         d = (y - x - carry) % 10   # the digit that, added to this column, makes b's digit
@@ -258,16 +264,14 @@ def count_up_working(a, b):
         steps.append(f"{x} + {d}{' + 1' if carry else ''} = {s}")
         digits.append(str(d))
         carry = s // 10
-    read = "".join(reversed(digits))   # the digits added, read from the left, 0s in front included
-    shown = f"{read} = {b - a}" if read != str(b - a) else str(b - a)
-    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so ? = {shown}.", b - a
+    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so ? = {read_off(digits, b - a)}.", b - a
 
 
 def which_is_more(x, y):
     """Which of x, y is more, read digit by digit from the left until two differ: "54 vs 52: 5 = 5, 4 > 2."."""
-    w = max(len(str(x)), len(str(y)))
+    width = max(len(str(x)), len(str(y)))   # the shorter number gets 0s in front: "7 vs 13: 0 < 1."
     parts = []
-    for dx, dy in zip(str(x).zfill(w), str(y).zfill(w)):
+    for dx, dy in zip(str(x).zfill(width), str(y).zfill(width)):
         parts.append(f"{dx} {'<' if dx < dy else '>' if dx > dy else '='} {dy}")
         if dx != dy:
             break
@@ -327,8 +331,9 @@ def make_problem(rng, family, steps=None):
                 f"{n} has {a} {obj} and uses {b}. How many {obj} does {n} have left?"])
             work, ans = column_working(a, "-", b)
         else:
-            small_first = rng.random() < 0.5   # either order in every wording: only the numbers say which
-            x, y = (b, a) if small_first else (a, b)         # is more. x, y: in the question's order
+            # every wording comes in either order, so only the numbers say which is more
+            small_first = rng.random() < 0.5
+            x, y = (b, a) if small_first else (a, b)         # the numbers in the question's order
             big, small = (m, n) if small_first else (n, m)   # n has x, m has y
             q = rng.choice([
                 f"{n} has {x} {obj}. {m} has {y} {obj}. How many more {obj} does {big} have than {small}?",
@@ -435,7 +440,7 @@ def make_training_problems(n, seed, exclude_questions):
 
 EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
 LAST_VALUE = re.compile(r"= (\d+)\.")   # the value a working ends at: "so 47 + 35 = 82.", "so ? = 24."
-COMPARISON = re.compile(r"(\d+) vs (\d+): [^.]*\.")
+COMPARISON = re.compile(r"(\d+) vs (\d+): [^.]*\.")   # "54 vs 52: 5 = 5, 4 > 2.", checked by which_is_more
 
 
 def check_equation(lhs, rhs):

@@ -110,6 +110,7 @@ def test_compare_says_which_is_more_then_counts_up_when_the_smaller_number_comes
             assert last == ("<" if x < y else ">" if x > y else "=")
     assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so ? = 04 = 4.", 4)
     assert T.count_up_working(14, 38)[0].endswith("so ? = 24.")    # no 0 in front: read as it is
+    assert T.read_off(["4", "0"], 4) == "04 = 4" and T.read_off(["4", "2"], 24) == "24"   # both workings use it
     for a in range(1, 100):
         for b in range(a + 1, 100):
             work, r = T.count_up_working(a, b)
