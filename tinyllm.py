@@ -221,6 +221,13 @@ def is_held_out_fact(a, b):
     return (a, b) in HELD_OUT_FACTS or (b, a) in HELD_OUT_FACTS
 
 
+def read_off(digits, value):
+    """Column digits (ones first) read from the left, 0s in front included, then without them:
+    ["5", "0"] and 5 give "05 = 5"; ["4", "2"] and 24 give "24"."""
+    read = "".join(reversed(digits))
+    return f"{read} = {value}" if read != str(value) else str(value)
+
+
 def column_working(a, op, b):
     """The written working of a + b or a - b (a >= b for minus): one column at a time, ones first."""
     result = a + b if op == "+" else a - b
@@ -244,13 +251,6 @@ def column_working(a, op, b):
     # ones digits from left to right; a difference first reads every column, 0s in front included
     shown = read_off(digits, result) if op == "-" else str(result)
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
-
-
-def read_off(digits, value):
-    """Column digits (ones first) read from the left, 0s in front included, then without them:
-    ["5", "0"] and 5 give "05 = 5"; ["4", "2"] and 24 give "24"."""
-    read = "".join(reversed(digits))
-    return f"{read} = {value}" if read != str(value) else str(value)
 
 
 def count_up_working(a, b):
