@@ -776,8 +776,9 @@ def get_batch(data, batch_size, block_size, gen, device):
 # AdamW keeps a running mean and variance of each gradient and steps each weight by their ratio;
 # weight decay pulls the matrices towards zero (not biases, norms or embeddings, where it only
 # hurts). The learning rate warms up linearly (early gradients are wild) and then follows a cosine
-# down to a tenth. Gradients are clipped to norm 1. On CUDA and on CPUs with bf16 units, matrix
-# multiplies run in bfloat16 under autocast; the weights and the optimizer stay in float32.
+# down to 0, so the last steps settle the weights. Gradients are clipped to norm 1. On CUDA and on
+# CPUs with bf16 units, matrix multiplies run in bfloat16 under autocast; the weights and the
+# optimizer stay in float32.
 # A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
 # nothing in it can run code. It is written to a temporary file and renamed into place, so a
 # crash never leaves half a checkpoint.
@@ -823,11 +824,14 @@ def autocast(device, dtype):
 
 
 def lr_at(progress, lr, warmup):
-    """Learning rate at a point of training, progress in [0, 1]: linear warm-up, then cosine to lr/10."""
+    """Learning rate at a point of training, progress in [0, 1]: linear warm-up, then cosine to 0.
+    Ending at 0 rather than lr/10 lets the last steps settle the weights instead of shaking them
+    with batches of 8: on one machine, five seeds got 98.7-99.8% of the held-out questions, where
+    ending at lr/10 got 96.3-97.9% (README, run 25)."""
     if progress < warmup:
         return lr * progress / warmup
     p = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    return lr * 0.5 * (1 + math.cos(math.pi * p))
 
 
 def make_optimizer(model, lr, weight_decay, device):

@@ -281,7 +281,8 @@ def test_answer_only_loss_mask():
 def test_lr_schedule():
     assert T.lr_at(0.0, 1.0, 0.1) == 0.0
     assert T.lr_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
-    assert T.lr_at(1.0, 1.0, 0.1) == pytest.approx(0.1)
+    assert T.lr_at(0.55, 1.0, 0.1) == pytest.approx(0.5)   # half-way down the cosine
+    assert T.lr_at(1.0, 1.0, 0.1) == pytest.approx(0.0)    # it ends at 0, not at a floor
     assert T.lr_at(0.5, 1.0, 0.1) < T.lr_at(0.3, 1.0, 0.1)
 
 
