@@ -489,11 +489,15 @@ def build_corpus(n_train, seed, direct=False, n_val=500):
 # -----------------------------------------------------------------------------------------------
 # 3. The model
 # A GPT turns a sequence of token ids into, at every position, scores (logits) for the next token.
-# Each token gets a learned vector (token embedding) plus a learned vector for its position; then
-# n_layer blocks each let every position look back at earlier ones (attention) and think alone
-# (the MLP), with LayerNorm before each and a residual "+" around each. A last LayerNorm, then the
-# output head, which shares its weights with the token embedding (weight tying: the same table
-# reads tokens in and writes them out, and saves vocab_size x n_embd parameters).
+# Each token gets a learned vector (token embedding); then n_layer blocks each let every position
+# look back at earlier ones (attention) and think alone (the MLP), with LayerNorm before each and a
+# residual "+" around each. A last LayerNorm, then the output head, which shares its weights with
+# the token embedding (weight tying: the same table reads tokens in and writes them out, and saves
+# vocab_size x n_embd parameters). Where a token stands is not added to its vector, as in GPT-2;
+# attention turns each query and key by an angle that grows with the position (rotary embeddings,
+# RoPE), so a head can ask for "the token three back" once and have it work at every position. A
+# learned vector per position must be learned slot by slot, and with them the same model, trained
+# as long, still wrote almost none of its working right when this one wrote most of it.
 # -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -526,7 +530,6 @@ def param_breakdown(cfg):
     b = 1 if cfg.bias else 0
     return {
         "token embedding (tied with output head)": V * C,
-        "position embedding": cfg.block_size * C,
         "attention (q, k, v, output)": L * (C * 3 * C + 3 * C * b + C * C + C * b),
         "feed-forward (MLP)": L * (C * 4 * C + 4 * C * b + 4 * C * C + C * b),
         "layer norms": L * 2 * (C + C * b) + (C + C * b),
@@ -549,15 +552,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, mask, cache=None):
+    def forward(self, x, mask, rot, cache=None):
         """x (B, T, C) -> (B, T, C). mask (1 or B, 1, T, T_past + T), made by GPT.forward: True where a
-        query may look, for the fused kernel; 0 there and -inf elsewhere, to add, for the plain math."""
+        query may look, for the fused kernel; 0 there and -inf elsewhere, to add, for the plain math.
+        rot: the (cos, sin) of each position's rotation angles, each (1 or B, 1, T, head_size)."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)   # (B, T, C) -> (B, n_head, T, head_size)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        q, k = rotate(q, *rot), rotate(k, *rot)   # where each token is, told by turning q and k
         if cache is not None:   # generation: keys and values of earlier tokens are kept, not recomputed
             # cache = [keys, values, how many positions are filled]; the two buffers are allocated once,
             # each (B, n_head, block_size, head_size), and filled in place as tokens come
@@ -582,6 +587,16 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
+def rotate(x, cos, sin):
+    """Rotary position embedding (RoPE): turn each pair of channels (i, i + head_size/2) of a query or
+    key by an angle of position x frequency_i. A query at position m and a key at n then score
+    q . k as if both had turned by m - n: attention sees how far back a token is, the same at every
+    position, which is what copying a digit from a few tokens back needs."""
+    x1, x2 = x.chunk(2, dim=-1)                               # (..., head_size / 2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class MLP(nn.Module):
 
     def __init__(self, cfg):
@@ -603,8 +618,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, cache)   # communicate: look at earlier positions
+    def forward(self, x, mask, rot, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, rot, cache)   # communicate: look at earlier positions
         x = x + self.mlp(self.ln_2(x))                 # compute: each position on its own
         return x
 
@@ -615,7 +630,6 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -623,6 +637,13 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight   # weight tying
         self.register_buffer("causal", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
                              persistent=False)
+        # RoPE's angles, made once: position p turns channel pair i by p / 10000^(2i / head_size), fast
+        # turns for the first pairs (near tokens), slow ones for the last (far tokens)
+        hs = cfg.n_embd // cfg.n_head
+        angle = torch.arange(cfg.block_size).float()[:, None] / 10000 ** (torch.arange(0, hs, 2).float() / hs)
+        angle = torch.cat([angle, angle], dim=1)                                        # (block_size, head_size)
+        self.register_buffer("rope_cos", angle.cos(), persistent=False)
+        self.register_buffer("rope_sin", angle.sin(), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):   # residual projections start small: GPT-2's scaled init
@@ -658,9 +679,10 @@ class GPT(nn.Module):
             # the plain math adds the mask to the scores: 0 where a query may look, -inf elsewhere,
             # made once here for all layers
             mask = torch.zeros(mask.shape, device=idx.device).masked_fill(~mask, float("-inf"))
-        x = self.drop(self.wte(idx) + self.wpe(pos))   # (B, T, n_embd)
+        rot = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))   # (1 or B, 1, T, head_size)
+        x = self.drop(self.wte(idx))   # (B, T, n_embd); positions enter inside attention, by rotation
         for i, block in enumerate(self.h):
-            x = block(x, mask, caches[i] if caches is not None else None)
+            x = block(x, mask, rot, caches[i] if caches is not None else None)
         logits = self.lm_head(self.ln_f(x))            # (B, T, vocab_size)
         if targets is None:
             return logits, None
@@ -785,7 +807,7 @@ def get_batch(data, batch_size, block_size, gen, device):
 # -----------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "tinyllm-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2   # 2: rotary positions (version 1 had a learned table, wpe)
 
 
 def pick_device(name):
@@ -835,8 +857,8 @@ def lr_at(progress, lr, warmup):
 
 
 def make_optimizer(model, lr, weight_decay, device):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wte", "wpe"))]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith(("wte", "wpe"))]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("wte")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("wte")]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device == "cuda")
 
@@ -886,7 +908,7 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a tinyllm checkpoint (it was made by another program)")
     if ck.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint format version {ck.get('version')}; "
-                        f"this tinyllm reads version {CHECKPOINT_VERSION}")
+                        f"this tinyllm reads version {CHECKPOINT_VERSION}: train the model again with this version")
     return ck
 
 
@@ -946,6 +968,9 @@ def estimate_loss(model, splits, s, device, dtype):
     return out
 
 
+LEARNED = 0.95   # the probe's share at which a thinking model counts as having learned its working
+
+
 def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     """The training loop. `splits` maps "train"/"val" to data dicts; `meta` is saved in checkpoints.
     `probe(model)` (optional) returns (a line to print at each evaluation, an accuracy or None)."""
@@ -958,7 +983,9 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     gen = torch.Generator().manual_seed(s.seed + rank)   # batches come from here (each rank its own)
     torch.manual_seed(s.seed)                            # dropout
     step, elapsed, best_val, history = 0, 0.0, float("inf"), []
+    learned_at, accuracy = None, None   # learned_at: training tokens when the probe first reached LEARNED
     if resume_state is not None:
+        learned_at = resume_state.get("tokens_to_learned")
         optimizer.load_state_dict(resume_state["optimizer"])
         step, elapsed = resume_state["step"], resume_state.get("elapsed", 0.0)
         best_val = resume_state.get("best_val_loss", best_val)
@@ -976,7 +1003,7 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
             "config": asdict(model.cfg), "tokenizer": tokenizer.to_json(),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-            "best_val_loss": best_val, "val_loss": val_loss, "meta": meta,
+            "best_val_loss": best_val, "val_loss": val_loss, "meta": meta, "tokens_to_learned": learned_at,
             "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}})
 
@@ -1012,13 +1039,16 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
                 line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} {sparkline(history)}"
                 text, accuracy = probe(model) if probe is not None else (None, None)
                 tqdm.write(line + (", " + text if text else ""))
+                if accuracy is not None and accuracy >= LEARNED and learned_at is None:
+                    learned_at = step * tokens_per_step * world
                 row = {"step": step, "tokens": step * tokens_per_step * world, "train_loss": losses["train"],
                        "val_loss": val_loss, "lr": lr_at(progress, s.lr, s.warmup), "elapsed": round(elapsed, 2),
                        "tokens_per_s": round((step - at_eval[0]) * tokens_per_step * world /
                                              max(elapsed - at_eval[1], 1e-9))}
                 at_eval = (step, elapsed)
                 with open(log_path(s.out), "a") as f:
-                    f.write(json.dumps({**row, **({"accuracy": accuracy} if accuracy is not None else {})}) + "\n")
+                    more = {} if accuracy is None else {"accuracy": accuracy, "tokens_to_learned": learned_at}
+                    f.write(json.dumps({**row, **more}) + "\n")
                 if step > 0 or resume_state is not None:
                     if val_loss < best_val:
                         best_val = val_loss
@@ -1057,7 +1087,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     if ddp:
         torchrun_compare_weights(model)
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
-            "interrupted": stop["asked"], "tokens": step * tokens_per_step * world}
+            "interrupted": stop["asked"], "tokens": step * tokens_per_step * world,
+            "probe": accuracy, "tokens_to_learned": learned_at}
 
 
 # Try this: train with --lr 1e-2 and watch the loss: too high a learning rate makes it jump and stall.
@@ -1209,6 +1240,33 @@ def ask(model, tokenizer, questions, batch_size=200, temperature=0.0, gen=None, 
     return replies
 
 
+def written_exactly(model, tokenizer, problems, dtype="fp32", batch_size=100):
+    """The share of problems whose whole working and answer greedy decoding would write token for
+    token. Teacher forcing shows the model each problem once; if at every position of the completion
+    its most likely next token is the true one, greedy decoding writes exactly that completion (each
+    token it writes is the one the next position was shown). One forward pass instead of a few hundred
+    sampling steps: the probe costs about a second, so training can afford it at every evaluation.
+    A greedy reply is right at least this often (a different working can still reach the answer)."""
+    device = next(model.parameters()).device
+    was_training, right = model.training, 0
+    model.eval()
+    for i in range(0, len(problems), batch_size):
+        texts = [problem_text(p) for p in problems[i:i + batch_size]]
+        p_ids, c_ids = encode_many(tokenizer, [t[0] for t in texts]), encode_many(tokenizer, [t[1] for t in texts])
+        seqs = [(p + c + [tokenizer.end_id])[:model.cfg.block_size + 1] for p, c in zip(p_ids, c_ids)]
+        T = max(map(len, seqs)) - 1
+        x = torch.tensor([s[:-1] + [0] * (T + 1 - len(s)) for s in seqs], device=device)   # (B, T), padded at the end
+        y = torch.tensor([s[1:] + [-1] * (T + 1 - len(s)) for s in seqs], device=device)   # -1: not scored
+        for b, p in enumerate(p_ids):
+            y[b, :len(p) - 1] = -1   # the question is given, not written
+        with torch.no_grad(), autocast(device.type, dtype):
+            logits, _ = model(x)
+        wrong = (logits.argmax(-1) != y) & (y >= 0)   # (B, T)
+        right += int((~wrong.any(1)).sum())
+    model.train(was_training)
+    return right / max(1, len(problems))
+
+
 def evaluate(model, tokenizer, problems, votes=1, temperature=0.8, seed=0, dtype="fp32"):
     """Score a list of problems (dicts with question, answer and optional family/steps/split)."""
     questions = [p["question"] for p in problems]
@@ -1323,6 +1381,7 @@ def attention_maps(model, ids, layer):
         q, k, _ = attn.c_attn(seen["x"][0]).split(C, dim=1)                    # (T, C) each
         q = q.view(T, attn.n_head, -1).transpose(0, 1)                          # (n_head, T, head_size)
         k = k.view(T, attn.n_head, -1).transpose(0, 1)
+        q, k = (rotate(t, model.rope_cos[:T], model.rope_sin[:T]) for t in (q, k))   # as the model does
         att = (q @ k.transpose(-2, -1)) / math.sqrt(C // attn.n_head)           # (n_head, T, T)
         return F.softmax(att.masked_fill(~model.causal[:T, :T], float("-inf")), dim=-1)
 
@@ -1365,26 +1424,42 @@ def export_onnx(model, out):
 
 
 def export_hf(model, tokenizer, out):
-    """A folder that transformers loads as GPT-2. Our layout is GPT-2's: only the linear layers differ,
-    as GPT-2 stores them transposed (its Conv1D keeps (in, out))."""
+    """A folder that transformers loads as GPT-NeoX, the architecture of its own with rotary positions,
+    LayerNorm and GELU. Ours is its sequential form (use_parallel_residual=False); only the layout of
+    q, k, v differs: GPT-NeoX keeps each head's q, k and v side by side, we keep all the q first."""
     tf = need("transformers", "transformers")
     need("safetensors", "safetensors")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, Regex
     cfg = model.cfg
-    conf = tf.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu",
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                         bos_token_id=tokenizer.end_id, eos_token_id=tokenizer.end_id, tie_word_embeddings=True)
-    hf = tf.GPT2LMHeadModel(conf)
-    sd = {}
+    conf = tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                            num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, hidden_act="gelu",
+                            max_position_embeddings=cfg.block_size, layer_norm_eps=1e-5, use_parallel_residual=False,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+                            attention_bias=True, tie_word_embeddings=True,
+                            bos_token_id=tokenizer.end_id, eos_token_id=tokenizer.end_id)
+    hf = tf.GPTNeoXForCausalLM(conf)
+    names = {"wte": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm", "ln_1": "input_layernorm",
+             "ln_2": "post_attention_layernorm", "attn.c_attn": "attention.query_key_value",
+             "attn.c_proj": "attention.dense", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+    want, sd, hs = hf.state_dict(), {}, cfg.n_embd // cfg.n_head
     for k, v in model.state_dict().items():
-        if k != "lm_head.weight":
-            sd["transformer." + k] = v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v
-    for k, v in hf.state_dict().items():   # a model without biases (Config.bias) gets zeros
-        if k.startswith("transformer.") and k not in sd and k.endswith(".bias"):
+        if k == "lm_head.weight":
+            continue
+        parts = k.split(".")
+        if parts[0] == "h":   # h.3.attn.c_attn.weight -> gpt_neox.layers.3.attention.query_key_value.weight
+            key = f"gpt_neox.layers.{parts[1]}.{names['.'.join(parts[2:-1])]}.{parts[-1]}"
+        else:
+            key = f"{names[parts[0]]}.{parts[-1]}"
+        if "query_key_value" in key:   # (q | k | v, ...) -> (head 0's q, k, v | head 1's ... , ...)
+            v = v.view(3, cfg.n_head, hs, *v.shape[1:]).transpose(0, 1).reshape(v.shape)
+        sd[key] = v
+    head = "embed_out.weight" if "embed_out.weight" in want else "lm_head.weight"   # its name differs by version
+    sd[head] = sd["gpt_neox.embed_in.weight"]   # tied, as ours
+    for k, v in want.items():   # a model without biases (Config.bias) gets zeros
+        if k not in sd and k.endswith(".bias"):
             sd[k] = torch.zeros_like(v)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" or k.endswith("attn.bias") for k in missing), missing
+    assert not unexpected and not missing, (missing, unexpected)
     hf.save_pretrained(out)
     if isinstance(tokenizer, BPETokenizer):
         tok = tokenizer.tok
@@ -1563,13 +1638,9 @@ def cmd_train(a):
         v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
         splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
                   "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
-        sample = val_p[:60]   # validation problems: never in the training set
-
-        def probe(m):
-            replies = ask(m, tokenizer, [p["question"] for p in sample], dtype=dtype)
-            right = sum(score_reply(r, p["answer"])["correct"] for r, p in zip(replies, sample))
-            return (f"held-out accuracy {100 * right / len(sample):.0f}% ({len(sample)} questions)\n"
-                    f"  Q: {sample[0]['question']}\n  A:{replies[0].replace(chr(10), ' ')}", right / len(sample))
+        def probe(m):   # every evaluation: the validation problems, never in the training set
+            acc = written_exactly(m, tokenizer, val_p, dtype=dtype)
+            return f"probe {100 * acc:.1f}% ({len(val_p)} validation problems written exactly)", acc
     else:
         ids = cached_ids(texts, tokenizer, a.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need
@@ -1612,6 +1683,20 @@ def cmd_train(a):
     if r["interrupted"]:
         print(f"interrupted: resume with `python tinyllm.py train --out {a.out} --resume`")
         return 130
+    if thinking and r["probe"] is not None:
+        at = r["tokens_to_learned"]
+        print(f"probe: {100 * r['probe']:.1f}% of {len(val_p)} validation problems written exactly; " +
+              (f"it first reached {LEARNED:.0%} after {at / 1e6:.2f}M training tokens" if at is not None
+               else f"it has not reached {LEARNED:.0%}"))
+        if r["probe"] < 0.9:   # a budget ended before the model learned: say so, and how to go on
+            import shlex
+            more = f"--max-iters {2 * r['step']}" if r["step"] >= s.max_iters else ""
+            if s.max_minutes:
+                more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
+            print(f"NOT LEARNED YET: the model writes only {100 * r['probe']:.0f}% of its working right (a "
+                  f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
+                  f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
+                  f"  python tinyllm.py train --out {shlex.quote(a.out)} --resume {more.strip()}")
     return 0
 
 

@@ -421,8 +421,15 @@ def test_cli_thinking_corpus_train_and_eval(tmp_path):
     r = run_cli("train", "--corpus-size", "500", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
                 "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2", "--out", ck)
     assert r.returncode == 0, r.stderr
-    assert "held-out accuracy" in r.stdout
+    assert "probe 0.0% (500 validation problems written exactly)" in r.stdout
     assert "batch 4 x 320, lr 0.002," in r.stdout   # the built-in corpus's own defaults (README, Results)
+    # four steps teach nothing: the run says so, and the command it gives continues the same run
+    assert "NOT LEARNED YET" in r.stdout and "it has not reached 95%" in r.stdout
+    again = r.stdout.strip().splitlines()[-1].split()
+    assert again[:2] == ["python", "tinyllm.py"] and "--resume" in again and "--max-iters" in again
+    r2 = run_cli(*again[2:], "--eval-interval", "2")
+    assert r2.returncode == 0, r2.stderr
+    assert "resuming at step 4" in r2.stdout and "done: 8 steps" in r2.stdout
     e = run_cli("eval", "--checkpoint", ck, "-n", "7", "--json")
     s = json.loads(e.stdout)
     assert e.returncode == 0 and s["n"] == 7 and 0 <= s["accuracy"] <= 1 and "per_family" in s
