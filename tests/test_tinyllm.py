@@ -260,6 +260,44 @@ def test_loss_falls_when_overfitting(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
 
 
+def test_rotary_scores_depend_only_on_distance():
+    model = tiny_model(block_size=32)
+    cos, sin = model.rope_cos, model.rope_sin
+    q, k = torch.randn(8), torch.randn(8)   # one head of size 8 (n_embd 16, 2 heads)
+
+    def score(m, n):   # q at position m looking at k at position n
+        return (T.rotate(q, cos[m], sin[m]) @ T.rotate(k, cos[n], sin[n])).item()
+    assert score(5, 2) == pytest.approx(score(25, 22), abs=1e-5)   # three back, wherever it is
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)     # but distance matters
+    assert torch.allclose(T.rotate(q, cos[0], sin[0]), q)          # position 0 is not turned
+    assert "wpe.weight" not in model.state_dict()                  # no table of positions to learn
+
+
+def test_written_exactly_is_what_greedy_decoding_writes():
+    tok = T.CharTokenizer("".join(chr(i) for i in range(32, 127)) + "\n")
+    problems = T.build_corpus(60, seed=0)[0][:2]
+    torch.manual_seed(0)
+    model = T.GPT(T.Config(vocab_size=tok.vocab_size, block_size=320, n_layer=2, n_head=2, n_embd=64))
+    assert T.written_exactly(model, tok, problems) == 0.0   # untrained
+    rows = [tok.encode("".join(T.problem_text(p))) + [tok.end_id] for p in problems]
+    n = max(map(len, rows))
+    batch = torch.tensor([r + [0] * (n - len(r)) for r in rows])
+    keep = torch.tensor([[1] * (len(r) - 1) + [0] * (n - len(r)) for r in rows])   # no loss on the padding
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(400):   # learn the two problems by heart
+        _, loss = model(batch[:, :-1], batch[:, 1:].contiguous(), keep)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 20 == 19 and T.written_exactly(model, tok, problems) == 1.0:
+            break
+    assert T.written_exactly(model, tok, problems) == 1.0
+    replies = T.ask(model, tok, [p["question"] for p in problems])
+    assert replies == [T.problem_text(p)[1] for p in problems]   # greedy writes exactly the completions
+    wrong = [dict(p, answer=p["answer"] + 1) for p in problems]   # one token off at the very end
+    assert T.written_exactly(model, tok, wrong) == 0.0 and T.written_exactly(model, tok, problems[:1] + wrong[1:]) == 0.5
+
+
 def test_cached_ids_are_reused_and_memory_mapped(tmp_path):
     tok = T.CharTokenizer(set(TEXT))
     a = T.cached_ids([TEXT], tok, str(tmp_path))
