@@ -729,11 +729,26 @@ def thinking_ckpt(tmp_path_factory):
     return path
 
 
+def test_tokens_to_learned_is_the_first_pass_and_is_kept(tmp_path):
+    tok = T.CharTokenizer(set(TEXT))
+    ids = torch.tensor(tok.encode(TEXT * 20)).numpy()
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=16)
+    shares = iter([0.2, 0.96, 0.5, 0.97])   # passes at the second evaluation, dips, passes again
+    s = T.TrainSettings(out=str(tmp_path / "m.pt"), batch_size=2, max_iters=6, max_minutes=0, eval_interval=2,
+                        eval_iters=1, device="cpu", dtype="fp32")
+    meta = {"data": "x", "device": "cpu", "dtype": "fp32"}
+    r = T.train(model, tok, {"train": {"ids": ids}}, s, meta, probe=lambda m: ("", next(shares)))
+    rows = [json.loads(line) for line in open(T.log_path(s.out))]
+    assert [row["tokens_to_learned"] for row in rows] == [None, 2 * 2 * 16] * 1 + [2 * 2 * 16] * 2
+    assert r["tokens_to_learned"] == 64 and r["probe"] == 0.97
+    assert T.load_checkpoint(s.out)["tokens_to_learned"] == 64   # a resumed run keeps it
+
+
 def test_training_log_rows_and_plot(thinking_ckpt, tmp_path):
     _, rows = T.read_log(thinking_ckpt)
     assert [r["step"] for r in rows] == [0, 3, 6]
     assert rows[-1]["tokens"] == 6 * 4 * 320 and rows[-1]["val_loss"] < rows[0]["val_loss"]
-    assert all({"train_loss", "lr", "tokens_per_s", "elapsed", "accuracy"} <= set(r) for r in rows)
+    assert all({"train_loss", "lr", "tokens_per_s", "elapsed", "accuracy", "tokens_to_learned"} <= set(r) for r in rows)
     pytest.importorskip("matplotlib")
     out = tmp_path / "loss.png"
     r = run_cli("plot", thinking_ckpt, T.log_path(thinking_ckpt), "--out", str(out))
