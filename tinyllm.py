@@ -7,7 +7,8 @@ teaches the model to *think step by step*: small word problems answered with wri
 a pupil's, ending in an `Answer: N` line that evaluation reads.
 
 Three commands to try:
-    python tinyllm.py train                      # ~10 minutes on a laptop CPU, under 2M parameters
+    python tinyllm.py train                      # 9 minutes of training, under 2M parameters; it
+                                                 # ends by saying whether the model has learned
     python tinyllm.py generate --prompt "Q: Tom has 12 apples. Tom gives away 5. How many apples does Tom have now?\\nA:"
     python tinyllm.py eval -n 200                # how many held-out problems it gets right
 Speed measurements live outside the lesson, in tests/bench.py.
