@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -163,28 +164,28 @@ def encode_many(tokenizer, texts):
 # Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
 # borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). A difference is read
 # off its columns before the 0s in front are dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 =
-# 05 = 5." (when "= 5" came straight after the columns, models wrote "= 55": README, run 19).
+# 05 = 5." (when "= 5" came straight after the columns, models wrote "= 55").
 # Products add one group at a time and count down the groups still to add: "3 x 7: 7 (2 left),
 # 7 + 7 = 14 (1 left), 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until
 # nothing is left: "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either
 # way the model decides when to stop by reading a 0 in the step it just wrote, not by comparing
 # numbers far apart.
 # A comparison first says which number is more, digit by digit from the left ("54 vs 52: 5 = 5,
-# 4 > 2."), so the method follows a sign just written (README, run 20). The bigger number first: it
+# 4 > 2."), so the method follows a sign just written. The bigger number first: it
 # subtracts. The smaller first: it counts up from it, "14 + ? = 38: 4 + 4 = 8, 1 + 2 = 3, so ? = 24."
 # (each column adds the digit that lands on 38's digit; ? is read off those digits, as a difference
-# is read off its columns: README, run 21). So the numbers are always copied in the question's order:
-# copying the second one first was what compare problems got wrong (README, run 18). Every wording
+# is read off its columns). So the numbers are always copied in the question's order:
+# copying the second one first was what compare problems got wrong. Every wording
 # comes in both orders, so the sign must be read from the digits: when some wordings always gave
-# the bigger number first, models wrote "54 vs 52: 5 < 5." to fit the wording (README, run 22).
+# the bigger number first, models wrote "54 vs 52: 5 < 5." to fit the wording).
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
 # step at a time, each after the first headed by the chain up to it: "34 + 12 - 22: 46 - 22: ...".
 # Each header is the previous one and the next number of the chain, so the model finds that number
 # by a short copy, not by counting its way along the chain (without the headers, some 10-minute
-# runs never learned multi-step problems: README, run 13).
+# runs never learned multi-step problems).
 # The working never names people or objects, so it does not depend on them. Names are drawn from a
 # list, invented ("Vigaze"), or given a title ("Prof. Ravi": a full stop that does not end the
-# sentence), so that names the lists never had cost little (README, Names outside the lists).
+# sentence), so that names the lists never had cost little.
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
 #   questions  fresh questions, none appearing verbatim in the training text
@@ -575,14 +576,14 @@ class CausalSelfAttention(nn.Module):
             cache[0][:, :, past:n], cache[1][:, :, past:n], cache[2] = k, v, n
             k, v = cache[0][:, :, :n], cache[1][:, :, :n]   # (B, n_head, T_past + T, head_size)
         drop = self.dropout if self.training else 0.0
-        if self.fused or q.is_cuda:   # a GPU always takes the fused kernel: faster there (README, Speed)
+        if self.fused or q.is_cuda:   # a GPU always takes the fused kernel: faster there
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:
             # the plain math: how well each query matches each key, scaled so softmax is not too sharp;
             # the mask adds -inf where looking is forbidden (ahead, and at padding), which softmax
             # turns into weights of 0; the output is the weighted sum of the values.
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))   # (B, n_head, T, T_past + T)
-            att = att + mask.to(att.dtype)   # an add, not masked_fill: its backward is free (README, Speed)
+            att = att + mask.to(att.dtype)   # an add, not masked_fill: its backward needs no mask
             att = F.dropout(F.softmax(att, dim=-1), drop, self.training)
             y = att @ v                                                  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).contiguous().view(B, T, C)               # heads side by side again
@@ -697,7 +698,7 @@ class GPT(nn.Module):
 
 # Try this: train with --n-layer 2 and compare the validation loss and eval accuracy with the
 # default 4 layers at the same time budget: depth buys reasoning steps per token, width and speed
-# buy the rest (4 layers of 192 beat 6 of 160 in ten minutes on a CPU: README, Results).
+# buy the rest (4 layers of 192 beat 6 of 160 in ten minutes on a CPU).
 
 # -----------------------------------------------------------------------------------------------
 # 4. Data
@@ -850,8 +851,8 @@ def autocast(device, dtype):
 def lr_at(progress, lr, warmup):
     """Learning rate at a point of training, progress in [0, 1]: linear warm-up, then cosine to 0.
     Ending at 0 rather than lr/10 lets the last steps settle the weights instead of shaking them
-    with batches of 8: on one machine, five seeds got 98.7-99.8% of the held-out questions, where
-    ending at lr/10 got 96.3-97.9% (README, run 25)."""
+    with batches of 8: on one machine, with learned positions, five seeds got 98.7-99.8% of the held-out questions, where
+    ending at lr/10 got 96.3-97.9%."""
     if progress < warmup:
         return lr * progress / warmup
     p = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
@@ -1247,7 +1248,7 @@ def written_exactly(model, tokenizer, problems, dtype="fp32", batch_size=100):
     token. Teacher forcing shows the model each problem once; if at every position of the completion
     its most likely next token is the true one, greedy decoding writes exactly that completion (each
     token it writes is the one the next position was shown). One forward pass instead of a few hundred
-    sampling steps: 200 problems cost 2-4 s on a 2-core CPU, so training can afford it at every evaluation.
+    sampling steps: 200 problems cost 1.3 s (bf16) to 2.7 s (fp32) on 2 cores, so training can afford it at every evaluation.
     A greedy reply is right at least this often (a different working can still reach the answer)."""
     device = next(model.parameters()).device
     was_training, right = model.training, 0
@@ -1605,7 +1606,7 @@ def cmd_train(a):
 
     thinking = not a.data
     # the built-in corpus and your text each get their own context, batch and learning rate, all three
-    # chosen by 10-minute runs (README: Results for the corpus, Speed for text)
+    # chosen by 10-minute runs on each
     a.block_size = a.block_size or (320 if thinking else 128)
     a.batch_size = a.batch_size or (8 if thinking else 16)
     a.lr = a.lr or (2e-3 if thinking else 3e-3)
@@ -1641,7 +1642,7 @@ def cmd_train(a):
         v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
         splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
                   "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
-        sample = val_p[:200]   # validation problems, never in the training set: 2-4 s of every evaluation
+        sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
 
         def probe(m):
             acc = written_exactly(m, tokenizer, sample, dtype=dtype)
@@ -1694,7 +1695,6 @@ def cmd_train(a):
               (f"it first reached {LEARNED:.0%} after {at / 1e6:.2f}M training tokens" if at is not None
                else f"it has not reached {LEARNED:.0%}"))
         if r["probe"] < 0.9:   # a budget ended before the model learned: say so, and how to go on
-            import shlex
             more = f"--max-iters {2 * r['step']}" if r["step"] >= s.max_iters else ""
             if s.max_minutes:
                 more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
@@ -1876,7 +1876,7 @@ def build_parser():
     t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
                    help="the parameter ceiling (0: none)")
     t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "
-                   "corpus, 16 on --data (both chosen by 10-minute runs, see the README)")
+                   "corpus, 16 on --data (both chosen by 10-minute runs)")
     t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True),
                    help="peak learning rate (default: 2e-3 on the built-in corpus, 3e-3 on --data)")

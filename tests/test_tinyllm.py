@@ -739,7 +739,7 @@ def test_tokens_to_learned_is_the_first_pass_and_is_kept(tmp_path):
     meta = {"data": "x", "device": "cpu", "dtype": "fp32"}
     r = T.train(model, tok, {"train": {"ids": ids}}, s, meta, probe=lambda m: ("", next(shares)))
     rows = [json.loads(line) for line in open(T.log_path(s.out))]
-    assert [row["tokens_to_learned"] for row in rows] == [None, 2 * 2 * 16] * 1 + [2 * 2 * 16] * 2
+    assert [row["tokens_to_learned"] for row in rows] == [None, 64, 64, 64]   # 2 steps of 2 x 16 tokens
     assert r["tokens_to_learned"] == 64 and r["probe"] == 0.97
     assert T.load_checkpoint(s.out)["tokens_to_learned"] == 64   # a resumed run keeps it
 
