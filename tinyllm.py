@@ -59,8 +59,8 @@ class UserError(Exception):
 # We split numbers into single digits before BPE, because a merged "347" token hides the digits
 # that column arithmetic needs. On your text merges stay inside a word (the GPT-2 rule); on the
 # thinking corpus they may cross spaces, so " + ", " = " and ".\nAnswer: " become one token each and
-# a problem takes 78 tokens instead of 178 characters: each step of training sees the same problems
-# for less than half the compute. Both tokenizers have one END token and save themselves as JSON.
+# a problem takes about 81 tokens instead of 179 characters: a step of training sees the same
+# problems for less than half the compute. Both tokenizers have one END token and save themselves as JSON.
 # -----------------------------------------------------------------------------------------------
 
 class CharTokenizer:
@@ -213,7 +213,7 @@ FAMILIES = ["add", "take", "compare", "groups", "share", "sum", "multistep"]
 # Training draws the families in these shares: twice as much of the three that take longest to learn
 # (compare decides which number is bigger, sum has three columns, multistep chains several steps).
 TRAINING_MIX = ["add", "take", "compare", "compare", "groups", "share", "sum", "sum", "multistep", "multistep"]
-MAX_PROBLEM_CHARS = 300   # a longer draw is drawn again: every problem fits in a few windows of training
+MAX_PROBLEM_CHARS = 300   # a longer draw is drawn again; with the corpus's BPE that is under 170 tokens
 
 
 def is_held_out_combo(a, b):
@@ -1608,8 +1608,10 @@ def cmd_train(a):
     torch.manual_seed(a.seed)
 
     thinking = not a.data
-    # the built-in corpus and your text each get their own context, batch and learning rate, all three
-    # chosen by 10-minute runs on each
+    # the built-in corpus and your text each get their own shape, context, batch and learning rate,
+    # chosen by 10-minute runs on each. On the corpus a model half as wide (4 x 128, 2 heads of 64,
+    # 0.86M parameters) takes steps 1.7 times as fast, and in one 9-minute fp32 run each it wrote 99.5%
+    # of the validation problems exactly where 4 x 192 wrote 52%: the corpus needs steps more than width
     a.n_embd, a.n_head = a.n_embd or (128 if thinking else 192), a.n_head or (2 if thinking else 3)
     a.block_size = a.block_size or (192 if thinking else 128)
     a.batch_size = a.batch_size or (8 if thinking else 16)

@@ -67,8 +67,8 @@ def train_speed(cfg, batch, dtype, peak, steps, compile=False, profile=False, de
 def base_shapes():
     """The default thinking-corpus model at its default batch, and the issue's reference shape."""
     d = T.Config()
-    return [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block 320, batch 8)",
-             T.Config(vocab_size=101), 8),
+    return [(f"thinking corpus ({d.n_layer}x{d.n_embd}, {d.n_head} heads, block {d.block_size}, batch 8)",
+             T.Config(vocab_size=512), 8),
             ("reference (6x160, 4 heads, block 128, batch 32)",
              T.Config(vocab_size=83, block_size=128, n_layer=6, n_head=4, n_embd=160), 32)]
 
@@ -122,7 +122,7 @@ def main():
         print(f"| {label} | fast + torch.compile (`--compile`) | {comp[0]:,.0f} | {100 * comp[1]:.1f}% "
               f"| {comp[0] / plain[0]:.2f}x |")
 
-    generation_table(T.GPT(T.Config(vocab_size=101)).eval(), [32, 192] if a.quick else [32, 128, 192], max(1, r // 2))
+    generation_table(T.GPT(T.Config(vocab_size=512)).eval(), [32, 128], max(1, r // 2))   # up to the block, 192
 
     problems = T.make_training_problems(2000, 0, set())
     text = "".join("".join(T.problem_text(p)) + "\n\n" for p in problems)
@@ -190,7 +190,7 @@ def cuda_bench(r):
         for path, (tok_s, mfu) in rows:
             print(f"| {label} | {path} | {tok_s:,.0f} | {100 * mfu:.2f}% | {tok_s / rows[0][1][0]:.2f}x |")
 
-    generation_table(T.GPT(T.Config(vocab_size=101)).cuda().eval(), [32, 128, 192], r, "bf16")
+    generation_table(T.GPT(T.Config(vocab_size=512)).cuda().eval(), [32, 128], r, "bf16")
 
 
 def int8_table(path, r):
