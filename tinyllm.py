@@ -176,10 +176,13 @@ def encode_many(tokenizer, texts):
 # numbers far apart.
 # A comparison first says which number is more, digit by digit from the left ("54 vs 52: 5 = 5,
 # 4 > 2."), so the method follows a sign just written. The bigger number first: it
-# subtracts. The smaller first: it counts up from it, "14 + ? = 38: 4 + 4 = 8, 1 + 2 = 3, so ? = 24."
-# (each column adds the digit that lands on 38's digit; ? is read off those digits, as a difference
-# is read off its columns). So the numbers are always copied in the question's order:
-# copying the second one first was what compare problems got wrong. Every wording
+# subtracts. The smaller first: it asks what to add, "14 + ? = 38:", and finds ? column by column
+# with the subtractions of 38 - 14, each column's digit of 38 first: "8 - 4 = 4, 3 - 1 = 2, so ? = 24."
+# (read off its columns as a difference is). So the numbers are always copied in the question's
+# order: copying the second one first was what compare problems got wrong. And each column is a
+# subtraction the take problems practise too: when the columns added the missing digit instead
+# ("4 + 4 = 8"), that one skill had only these problems to learn from, and nearly every compare
+# failure of a half-trained model was such a digit. Every wording
 # comes in both orders, so the sign must be read from the digits: when some wordings always gave
 # the bigger number first, models wrote "54 vs 52: 5 < 5." to fit the wording).
 # A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
@@ -234,13 +237,11 @@ def read_off(digits, value):
     return f"{read} = {value}" if read != str(value) else str(value)
 
 
-def column_working(a, op, b):
-    """The written working of a + b or a - b (a >= b for minus): one column at a time, ones first."""
-    result = a + b if op == "+" else a - b
-    if a < 10 and b < 10:
-        return f"{a} {op} {b} = {result}.", result
+def column_steps(a, op, b):
+    """The columns of a + b or a - b (a >= b for minus), ones first: ["7 + 5 = 12", "4 + 3 + 1 = 8"],
+    and a difference's column results, ones first (a sum's last column may be 10 or more)."""
     da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry, digits = [], 0, []   # digits: a difference's column results, ones first
+    steps, carry, digits = [], 0, []
     for i in range(max(len(da), len(db))):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
         if op == "+":
@@ -253,6 +254,15 @@ def column_working(a, op, b):
             steps.append(f"{top}{' - 1' if carry else ''} - {y} = {s}")
             digits.append(str(s))
             carry = 1 if top != x else 0
+    return steps, digits
+
+
+def column_working(a, op, b):
+    """The written working of a + b or a - b (a >= b for minus): one column at a time, ones first."""
+    result = a + b if op == "+" else a - b
+    if a < 10 and b < 10:
+        return f"{a} {op} {b} = {result}.", result
+    steps, digits = column_steps(a, op, b)
     # the answer reads the last column's whole result (it may be 10 or more), then the other columns'
     # ones digits from left to right; a difference first reads every column, 0s in front included
     shown = read_off(digits, result) if op == "-" else str(result)
@@ -260,16 +270,9 @@ def column_working(a, op, b):
 
 
 def count_up_working(a, b):
-    """How many more b is than a (a < b), counted up from a, in the question's order: a + ? = b."""
-    da, db = str(a)[::-1], str(b)[::-1]
-    steps, carry, digits = [], 0, []   # digits: the digits added, ones first
-    for i in range(len(db)):
-        x, y = int(da[i]) if i < len(da) else 0, int(db[i])
-        d = (y - x - carry) % 10   # the digit that, added to this column, makes b's digit
-        s = x + d + carry
-        steps.append(f"{x} + {d}{' + 1' if carry else ''} = {s}")
-        digits.append(str(d))
-        carry = s // 10
+    """How many more b is than a (a < b), in the question's order: "14 + ? = 38:", then ? column by
+    column by the subtractions b - a writes (each column's digit of b, then a's), read off its columns."""
+    steps, digits = column_steps(b, "-", a)
     return f"{a} + ? = {b}: " + ", ".join(steps) + f", so ? = {read_off(digits, b - a)}.", b - a
 
 

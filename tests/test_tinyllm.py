@@ -125,17 +125,21 @@ def test_compare_says_which_is_more_then_counts_up_when_the_smaller_number_comes
             assert all(s == "=" for _, s, _ in signs[:-1])          # it stops at the first digits that differ
             last = signs[-1][1]
             assert last == ("<" if x < y else ">" if x > y else "=")
-    assert T.count_up_working(29, 33) == ("29 + ? = 33: 9 + 4 = 13, 2 + 0 + 1 = 3, so ? = 04 = 4.", 4)
-    assert T.count_up_working(14, 38)[0].endswith("so ? = 24.")    # no 0 in front: read as it is
+    assert T.count_up_working(29, 33) == ("29 + ? = 33: 13 - 9 = 4, 3 - 1 - 2 = 0, so ? = 04 = 4.", 4)
+    assert T.count_up_working(14, 38)[0] == "14 + ? = 38: 8 - 4 = 4, 3 - 1 = 2, so ? = 24."   # read as it is
+    assert T.count_up_working(3, 6)[0] == "3 + ? = 6: 6 - 3 = 3, so ? = 3."
     assert T.read_off(["4", "0"], 4) == "04 = 4" and T.read_off(["4", "2"], 24) == "24"   # both workings use it
     for a in range(1, 100):
         for b in range(a + 1, 100):
             work, r = T.count_up_working(a, b)
+            assert work.startswith(f"{a} + ? = {b}: ")   # the question's order, never reordered
             eqs = T.EQUATION.findall(work)
-            assert r == b - a and all(T.check_equation(l, s) for l, s in eqs)
-            assert [int(s) % 10 for _, s in eqs] == [int(d) for d in str(b)[::-1]]   # each column lands on b
-            ups = "".join(l.split()[2] for l, _ in eqs)[::-1]   # the digits counted up, read from the left
-            assert work.endswith(f"so ? = {ups} = {b - a}." if ups != str(b - a) else f"so ? = {b - a}.")
+            assert r == b - a and eqs and all(T.check_equation(l, s) for l, s in eqs)
+            # each column: b's digit (10 more when it borrows), then a's digit (0 where a has none)
+            assert [int(l.split()[0]) % 10 for l, _ in eqs] == [int(d) for d in str(b)[::-1]]
+            assert [int(l.split()[-1]) for l, _ in eqs] == [int(d) for d in str(a).zfill(len(str(b)))[::-1]]
+            read = "".join(s for _, s in eqs)[::-1]   # the columns' results, read from the left
+            assert work.endswith(f"so ? = {read} = {b - a}." if read != str(b - a) else f"so ? = {b - a}.")
             assert int(T.LAST_VALUE.findall(work)[-1]) == b - a
     rng, orders = random.Random(5), {}
     for _ in range(300):
