@@ -138,13 +138,18 @@ class BPETokenizer:
 
 
 def tokenizer_from_json(text):
-    d = json.loads(text)
-    if d.get("kind") == "char":
+    d = json.loads(text) if isinstance(text, str) else None
+    if not isinstance(d, dict):
+        raise UserError("the checkpoint's tokenizer is not a JSON object")
+    if d.get("kind") == "char" and isinstance(d.get("chars"), str) and d["chars"]:
         return CharTokenizer(d["chars"])
-    if d.get("kind") == "bpe":
+    if d.get("kind") == "bpe" and isinstance(d.get("tokenizer"), str):
         from tokenizers import Tokenizer
-        return BPETokenizer(Tokenizer.from_str(d["tokenizer"]))
-    raise UserError(f"unknown tokenizer kind {d.get('kind')!r} in checkpoint")
+        tok = BPETokenizer(Tokenizer.from_str(d["tokenizer"]))
+        if tok.end_id is None:
+            raise UserError(f"the checkpoint's BPE tokenizer has no {END!r} token")
+        return tok
+    raise UserError(f"the checkpoint's tokenizer is not one this tool writes (kind {d.get('kind')!r})")
 
 
 def encode_many(tokenizer, texts):
@@ -724,12 +729,15 @@ def read_text_files(paths):
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                           if f.endswith((".txt", ".md")))
+                           if f.endswith((".txt", ".md")) and os.path.isfile(os.path.join(r, f)))
             if not found:
                 raise UserError(f"folder {path} holds no .txt or .md files")
             files += found
         elif not os.path.exists(path):
             raise UserError(f"data file {path} does not exist: give a UTF-8 text file or a folder of them")
+        elif not os.path.isfile(path):   # /dev/zero, a pipe, a socket: it could be read without end
+            raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a UTF-8 text "
+                            "file or a folder of them")
         else:
             files.append(path)
     texts = []
@@ -764,17 +772,22 @@ def cached_ids(texts, tokenizer, cache_dir):
             h = zlib.crc32(t[i:i + step].encode(), h)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.{np.dtype(dtype).name}.bin")
+    clear_stale_temporaries(cache_dir)
     if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
+        make_folder(cache_dir, "--cache-dir")
         tmp, char = path + f".tmp{os.getpid()}", isinstance(tokenizer, CharTokenizer)
-        with open(tmp, "wb") as f:   # raw ids, chunk by chunk: never a full-size array in memory
-            for text in texts:
-                for i in range(0, len(text), step):
-                    chunk = text[i:i + step]
-                    ids = tokenizer.encode_array(chunk) if char else tokenizer.encode(chunk)
-                    f.write(np.asarray(ids, dtype=dtype).tobytes())
-                f.write(np.array([tokenizer.end_id], dtype=dtype).tobytes())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:   # raw ids, chunk by chunk: never a full-size array in memory
+                for text in texts:
+                    for i in range(0, len(text), step):
+                        chunk = text[i:i + step]
+                        ids = tokenizer.encode_array(chunk) if char else tokenizer.encode(chunk)
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())
+                    f.write(np.array([tokenizer.end_id], dtype=dtype).tobytes())
+            os.replace(tmp, path)
+        finally:   # Ctrl-C, SIGTERM or an error while encoding: no half-written file stays behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -885,6 +898,9 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # a full disk: torch.save's writer raises RuntimeError
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        raise UserError(f"could not write {path}: {why}; any checkpoint that was there is intact")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -909,8 +925,9 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one first with `python tinyllm.py train`, "
                         "or point --checkpoint at one")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint_file(path)   # before anything is read from it (appendix)
+    try:   # mmap: the tensors stay in the file until used, so no claim in it allocates memory
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a loadable tinyllm checkpoint (corrupt, or it holds objects "
@@ -920,29 +937,25 @@ def load_checkpoint(path):
     if ck.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint format version {ck.get('version')}; "
                         f"this tinyllm reads version {CHECKPOINT_VERSION}: train the model again with this version")
+    check_training_fields(ck, path)
     return ck
 
 
 def model_from_checkpoint(ck, path="checkpoint"):
     """Rebuild the tokenizer and the model, refusing any mismatch with a message."""
+    cfg = check_config(ck.get("config"), path)   # types and ranges, before anything is built (appendix)
     try:
-        names = {f.name for f in fields(Config)}
-        cfg = Config(**{k: v for k, v in ck["config"].items() if k in names})
         tokenizer = tokenizer_from_json(ck["tokenizer"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} has a broken config or tokenizer: {e}")
+    except UserError:
+        raise
+    except Exception as e:   # the tokenizers library raises a bare Exception on a broken string
+        raise UserError(f"{path} has a broken tokenizer: {str(e)[:200] or type(e).__name__}")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens "
                         f"but its config says vocab_size={cfg.vocab_size}")
+    check_weights(ck.get("model"), cfg, path)   # keys, shapes and dtypes, against a model that is not built
     model = GPT(cfg)
-    sd, want = ck.get("model", {}), model.state_dict()
-    missing = sorted(set(want) - set(sd))
-    wrong = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
-    if missing or wrong or set(sd) - set(want):
-        what = (f"missing {missing[:3]}" if missing else f"wrong shape for {wrong[:3]}" if wrong
-                else f"unexpected {sorted(set(sd) - set(want))[:3]}")
-        raise UserError(f"{path}: its weights do not match its config ({what})")
-    model.load_state_dict(sd)
+    model.load_state_dict(ck["model"])
     return model, tokenizer
 
 
@@ -997,11 +1010,15 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     learned_at, accuracy = None, None   # learned_at: training tokens when the probe first reached LEARNED
     if resume_state is not None:
         learned_at = resume_state.get("tokens_to_learned")
-        optimizer.load_state_dict(resume_state["optimizer"])
         step, elapsed = resume_state["step"], resume_state.get("elapsed", 0.0)
         best_val = resume_state.get("best_val_loss", best_val)
-        gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(s.seed + rank + step)
-        torch.set_rng_state(resume_state["rng"]["torch"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(s.seed + rank + step)
+            torch.set_rng_state(resume_state["rng"]["torch"])
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"the checkpoint cannot be resumed: its optimizer or random state does not fit "
+                            f"this model ({str(e)[:120]}); start a new run with --overwrite")
         if device == "cuda" and resume_state["rng"].get("cuda") is not None:   # dropout on a GPU draws from here
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
@@ -1025,7 +1042,9 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
             raise KeyboardInterrupt
         stop["asked"] = True
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    # Ctrl-C, and the signals of a shutdown, a closed terminal, `timeout` or a job scheduler
+    caught = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    old_handlers = {sig: signal.signal(sig, on_sigint) for sig in caught}
     tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size   # per rank
     world = torch.distributed.get_world_size() if ddp else 1
     bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
@@ -1094,7 +1113,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
                 bar.update(10)
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     if ddp:
         torchrun_compare_weights(model)
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
@@ -1326,11 +1346,225 @@ def summarize(scored):
 
 # -----------------------------------------------------------------------------------------------
 # 8. Appendix: tools beyond the lesson
-# Nothing here is needed to understand the model. A training log and its plot; a look inside (the
-# probabilities behind each token, one layer's attention); a chat loop; int8 inference; export to
-# ONNX and to Hugging Face's GPT-2 format; data-parallel training with torchrun (cmd_train starts it,
-# train() calls the two functions here). Optional packages are imported inside each tool.
+# Nothing here is needed to understand the model. Care for the user's files (temporary files of dead
+# processes cleared, one training per checkpoint, outputs checked before any work); a training log
+# and its plot; a look inside (the probabilities behind each token, one layer's attention); a chat
+# loop; int8 inference; export to ONNX and to Hugging Face's GPT-NeoX format; data-parallel training
+# with torchrun (cmd_train starts it, train() calls the two functions here). Optional packages are
+# imported inside each tool.
 # -----------------------------------------------------------------------------------------------
+
+CHECKPOINT_LIMITS = {   # field: (type, lowest, highest); far above anything this tool trains
+    "vocab_size": (int, 2, 1 << 20), "block_size": (int, 1, 8192), "n_layer": (int, 1, 64),
+    "n_head": (int, 1, 64), "n_embd": (int, 1, 4096), "dropout": (float, 0.0, 0.99),
+    "bias": (bool, None, None), "fused_attention": (bool, None, None)}
+MAX_LOAD_PARAMS = 20_000_000   # ten times the product's ceiling: a model of that size is still a small file
+
+
+def check_checkpoint_file(path):
+    """Before torch.load: a checkpoint is a zip (torch.save's format) whose entries are stored, not
+    compressed, as torch.save writes them. A compressed entry could unpack to gigabytes from a small
+    file; stored ones cannot be bigger than the file, which torch.load then maps rather than reads."""
+    import zipfile
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file: point --checkpoint at a checkpoint file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserError(f"{path} is not a loadable tinyllm checkpoint (not the zip that torch.save writes)")
+    if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or \
+            sum(e.file_size for e in entries) > os.path.getsize(path):
+        raise UserError(f"{path} is not a loadable tinyllm checkpoint (it holds compressed data, which "
+                        "torch.save never writes)")
+
+
+def check_config(raw, path):
+    """A Config from a checkpoint's untrusted dict: every field's type and range, then the size."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} has a broken config (not a dictionary of settings)")
+    values = {}
+    for name, (kind, lo, hi) in CHECKPOINT_LIMITS.items():
+        if name not in raw and kind is not bool and name != "dropout":   # the shape must be given
+            raise UserError(f"{path} has a broken config: {name} is missing")
+        v = raw.get(name, getattr(Config, name))
+        number = isinstance(v, int if kind is int else (int, float)) and not isinstance(v, bool)
+        ok = isinstance(v, bool) if kind is bool else number and lo <= v <= hi   # NaN and inf fail here too
+        if not ok:
+            want = "true or false" if kind is bool else f"{'a whole number' if kind is int else 'a number'} " \
+                                                        f"from {lo} to {hi}"
+            raise UserError(f"{path} has a broken config: {name} is {repr(v)[:40]}, it must be {want}")
+        values[name] = kind(v)
+    cfg = Config(**values)
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"{path} has a broken config: n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    n = sum(param_breakdown(cfg).values())
+    if n > MAX_LOAD_PARAMS:
+        raise UserError(f"{path} claims a model of {n:,} parameters; this tool loads at most {MAX_LOAD_PARAMS:,}")
+    return cfg
+
+
+def check_weights(sd, cfg, path):
+    """The weights' names, shapes and dtypes against the model the config describes, built on the
+    "meta" device: shapes only, no memory, so a lying config costs nothing."""
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: its weights are not a dictionary of tensors")
+    with torch.device("meta"):
+        want = GPT(cfg).state_dict()
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and (tuple(sd[k].shape) != tuple(want[k].shape)
+                                             or sd[k].dtype != torch.float32)]
+    if missing or wrong or extra:
+        what = (f"missing {missing[:3]}" if missing else f"wrong shape or dtype for {wrong[:3]}" if wrong
+                else f"unexpected {extra[:3]}")
+        raise UserError(f"{path}: its weights do not match its config ({what})")
+
+
+def check_training_fields(ck, path):
+    """The fields info and --resume read: a step, losses, the run's settings."""
+    step, meta = ck.get("step"), ck.get("meta", {})
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{path} has a broken training state: step is {repr(step)[:40]}")
+    for k in ("best_val_loss", "val_loss", "elapsed"):
+        v = ck.get(k, 0.0 if k != "best_val_loss" else None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) or \
+                v is None and k == "best_val_loss":
+            raise UserError(f"{path} has a broken training state: {k} is {repr(v)[:40]}")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} has a broken training state: meta is not a dictionary")
+
+
+def setting_ok(name, v):
+    default = getattr(TrainSettings, name)
+    if isinstance(default, bool) or isinstance(default, str):
+        return type(v) is type(default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    if isinstance(default, int):
+        return isinstance(v, int) and v >= (1 if name in ("batch_size", "grad_accum", "eval_interval", "eval_iters",
+                                                          "max_iters") else 0)
+    return v >= 0 and (name != "lr" or v > 0)
+
+
+def check_resume(ck, path):
+    """What --resume needs beyond the model: the run's settings, the optimizer's and the RNG's state."""
+    meta, broken = ck.get("meta"), None
+    names = {f.name for f in fields(TrainSettings)}
+    if not isinstance(meta, dict) or not all(k in meta for k in ("data", "corpus_format", "corpus_size", "settings")):
+        broken = "its run settings (meta) are missing"
+    elif not (meta["data"] is None or isinstance(meta["data"], list) and all(isinstance(p, str) for p in meta["data"])):
+        broken = "its data paths are not a list of paths"
+    elif meta["corpus_format"] not in ("working", "direct") or not isinstance(meta["corpus_size"], int):
+        broken = "its corpus settings are odd"
+    elif not isinstance(meta["settings"], dict) or set(meta["settings"]) - names or \
+            not all(setting_ok(k, v) for k, v in meta["settings"].items()):
+        broken = "its training settings are odd"
+    elif not isinstance(ck.get("optimizer"), dict) or not isinstance(ck.get("rng"), dict) or \
+            not all(isinstance(ck["rng"].get(k), torch.Tensor) and ck["rng"][k].dtype == torch.uint8
+                    for k in ("batches", "torch")):
+        broken = "its optimizer or random-number state is missing or odd"
+    if broken:
+        raise UserError(f"{path} cannot be resumed: {broken}; start a new run with --overwrite")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)   # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True       # it exists, owned by someone else
+    return True
+
+
+def clear_stale_temporaries(folder):
+    """Remove what dead processes left in a folder: "NAME.tmpPID" (a save or an encoding cut off by
+    kill -9 or a power cut) and ".write-testPID". A live process's temporary files are kept."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        # only names this file makes: ".NAME.tmpPID" (save_checkpoint), "ids-HASH-N.TYPE.bin.tmpPID"
+        # (cached_ids), ".write-testPID" (cmd_train)
+        m = re.fullmatch(r"(?:\..+\.tmp|ids-[0-9a-f]{8}-\d+\.\w+\.bin\.tmp|\.write-test)(\d+)", name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                print(f"removed {os.path.join(folder, name)}, left by a process that no longer runs",
+                      file=sys.stderr)
+            except OSError:
+                pass
+
+
+def lock_out(path):
+    """One training at a time per checkpoint: a lock file beside it holds the training's pid. The lock
+    of a process that died without removing it is taken over (and said so); it goes when we exit."""
+    lock = path + ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise UserError(f"another training (pid {pid}) is writing {path}: wait for it to finish, "
+                                f"or choose another --out")
+            print(f"taking over {lock}: the training that made it (pid {pid}) no longer runs", file=sys.stderr)
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        import atexit
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+        return
+    raise UserError(f"could not take the lock {lock}: another training may be starting; try again")
+
+
+def make_folder(folder, flag):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {folder} for {flag}: {e.strerror}")
+
+
+IMAGE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def image_out(path):
+    """A picture's --out: no extension means .png (said in "wrote ..."); another kind is refused."""
+    ext = os.path.splitext(path)[1].lower()
+    if not ext:
+        return path + ".png"
+    if ext not in IMAGE_TYPES:
+        raise UserError(f"--out {path}: a picture is written as {', '.join(IMAGE_TYPES)}; choose one of them")
+    return path
+
+
+def free_out(path, overwrite, folder_output=False):
+    """Refuse, before any work, an --out that would be lost or that cannot be written: an existing
+    file without --overwrite, anything that is not a regular file (or, for a folder output, a folder),
+    a folder that does not exist."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"the folder {parent} does not exist: create it, or choose another --out")
+    if os.path.lexists(path):
+        if folder_output and not os.path.isdir(path):
+            raise UserError(f"--out {path} exists and is not a folder (this export writes a folder): "
+                            "choose another --out")
+        if not folder_output and not os.path.isfile(path):
+            raise UserError(f"--out {path} exists and is not a regular file: it is never replaced; "
+                            "choose another --out")
+        if not overwrite:
+            raise UserError(f"{path} already exists: add --overwrite to replace it, or choose another --out")
+    return path
+
 
 def need(module, package):
     """Import an optional package, or say how to install it."""
@@ -1344,15 +1578,19 @@ def need(module, package):
 def read_log(path):
     """The rows of a training log; a checkpoint's path reads the log beside it."""
     path = log_path(path) if path.endswith(".pt") else path
-    if not os.path.exists(path):
+    if path.endswith(".best.log.jsonl") and not os.path.exists(path):   # the run's log, beside its best
+        path = path.replace(".best.log.jsonl", ".log.jsonl")
+    if not os.path.isfile(path):
         raise UserError(f"no training log at {path}: give a checkpoint trained by this version, or its .log.jsonl")
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is not a tinyllm training log (not JSON Lines)")
-    if not rows or not all(isinstance(r, dict) and "tokens" in r and "val_loss" in r for r in rows):
-        raise UserError(f"{path} holds no training log rows")
+    except (ValueError, RecursionError):   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is not a tinyllm training log (not UTF-8 JSON Lines)")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not rows or not all(isinstance(r, dict) and all(number(r.get(k)) for k in ("tokens", "val_loss", "train_loss"))
+                           and ("accuracy" not in r or number(r["accuracy"])) for r in rows):
+        raise UserError(f"{path} holds no training log rows (each needs tokens, train_loss and val_loss)")
     return path, rows
 
 
@@ -1506,20 +1744,34 @@ def torchrun_compare_weights(model):
 
 
 def streamer(tokenizer, stop=None):
-    """An on_token callback that prints text as it comes (BPE may need several tokens for a character)."""
-    shown, printed = [], [""]
+    """An on_token callback that prints text as it comes. Only the tokens not yet printed are decoded
+    (a character that BPE spreads over several tokens waits for its last one), so a token costs the
+    same at the 20,000th as at the 100th. .finish() prints what is left, even a cut-off character."""
+    pending, tail, done = [], [""], [False]   # tail: the last len(stop) characters printed
+
+    def show(text):
+        if stop:
+            seen = tail[0] + text
+            if stop in seen:   # print up to the end of the stop string, then no more
+                text, done[0] = text[:seen.index(stop) + len(stop) - len(tail[0])], True
+            tail[0] = (tail[0] + text)[-len(stop):]
+        print(text, end="", flush=True)
 
     def on_token(b, tok, logits):
-        if tok == tokenizer.end_id:
+        if tok == tokenizer.end_id or done[0]:
             return True
-        shown.append(tok)
-        text = tokenizer.decode(shown)
-        if stop and stop in text:
-            text = text[:text.index(stop) + len(stop)]
+        pending.append(tok)
+        text = tokenizer.decode(pending)
         if not text.endswith("\ufffd"):
-            print(text[len(printed[0]):], end="", flush=True)
-            printed[0] = text
-        return bool(stop) and stop in text
+            pending.clear()
+            show(text)
+        return done[0]
+
+    def finish():
+        if pending and not done[0]:
+            show(tokenizer.decode(pending))
+        pending.clear()
+    on_token.finish = finish
     return on_token
 
 
@@ -1537,11 +1789,15 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
         name, _, value = line[1:].partition(" ")
         if line in ("/quit", "/exit"):
             break
-        elif line.startswith("/") and name in knobs and re.fullmatch(r"\d+(\.\d*)?", value):
-            knobs[name] = float(value) if name == "temp" else int(float(value))
+        elif line.startswith("/") and name == "temp" and re.fullmatch(r"\d{1,3}(\.\d{0,6})?", value) and \
+                (float(value) == 0 or 0.01 <= float(value) <= 100):
+            knobs[name] = float(value)
+            print(f"{name} = {knobs[name]}")
+        elif line.startswith("/") and name == "topk" and re.fullmatch(r"\d{1,7}", value):
+            knobs[name] = int(value)
             print(f"{name} = {knobs[name]}")
         elif line.startswith("/"):
-            print("commands: /temp T (T >= 0), /topk K (0: off), /quit")
+            print("commands: /temp T (0 is greedy, or 0.01 to 100), /topk K (0: off), /quit")
         if line.startswith("/") or not line:
             continue
         try:
@@ -1550,8 +1806,10 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
             print(f"error: {e}")
             continue
         print("A:", end="", flush=True)
+        stream = streamer(tokenizer)
         generate(model, [ids], max_new_tokens, tokenizer.end_id, knobs["temp"], knobs["topk"] or None,
-                 on_token=streamer(tokenizer), dtype=dtype)
+                 on_token=stream, dtype=dtype)
+        stream.finish()
         print()
 
 
@@ -1580,6 +1838,21 @@ def positive(kind, name, lo=None, hi=None, lo_open=False):
     return parse
 
 
+def temperature_flag(name):
+    """0 (greedy) or from 0.01 to 100: dividing logits by less overflows them."""
+    parse_range = positive(float, name, 0, 100)
+
+    def parse(text):
+        v = parse_range(text)
+        if 0 < v < 0.01:
+            raise argparse.ArgumentTypeError(f"{name} must be 0 (greedy) or at least 0.01, got {text}")
+        return v
+    return parse
+
+
+SEED = positive(int, "--seed", 0, 2 ** 63 - 1)
+
+
 def cmd_train(a):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
         cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
@@ -1595,9 +1868,13 @@ def cmd_train(a):
     device = pick_device(a.device)
     dtype = pick_dtype(a.dtype, device)
     resume = None
+    if os.path.lexists(a.out) and not os.path.isfile(a.out):   # a folder, a device node, a broken link
+        raise UserError(f"--out {a.out} exists and is not a regular file: it is never replaced; "
+                        "choose another --out")
     if os.path.exists(a.out):
         if a.resume:
             resume = load_checkpoint(a.out)
+            check_resume(resume, a.out)
         elif not a.overwrite:
             raise UserError(f"{a.out} already holds a checkpoint: add --resume to continue it, "
                             "--overwrite to replace it, or choose another --out")
@@ -1611,6 +1888,9 @@ def cmd_train(a):
         os.remove(f.name)
     except OSError as e:
         raise UserError(f"cannot write checkpoints to {folder}: {e.strerror}; choose another --out")
+    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
+        lock_out(a.out)   # rank 0 alone writes
+        clear_stale_temporaries(folder)
     torch.manual_seed(a.seed)
 
     thinking = not a.data
@@ -1622,6 +1902,9 @@ def cmd_train(a):
     a.block_size = a.block_size or (192 if thinking else 128)
     a.batch_size = a.batch_size or (8 if thinking else 16)
     a.lr = a.lr or (2e-3 if thinking else 3e-3)
+    if a.batch_size * a.block_size > 1 << 20:   # activations of a step grow with it: refuse before any work
+        raise UserError(f"--batch-size {a.batch_size} x --block-size {a.block_size} is "
+                        f"{a.batch_size * a.block_size:,} tokens a step; at most {1 << 20:,}")
     if resume is not None:
         model, tokenizer = model_from_checkpoint(resume, a.out)
         meta = resume["meta"]
@@ -1752,31 +2035,50 @@ def cmd_generate(a):
         if a.num_samples > 1:
             print(f"--- sample {n + 1}")
         print(prompt, end="\n" if a.show_probs else "", flush=True)
+        stream = streamer(tokenizer, a.stop)
         out = generate(model, [ids], a.max_new_tokens, tokenizer.end_id, a.temperature, a.top_k, a.top_p,
-                       a.repetition_penalty, gen, on_token=show_probs if a.show_probs else streamer(tokenizer, a.stop))
+                       a.repetition_penalty, gen, on_token=show_probs if a.show_probs else stream)
+        stream.finish()
         print("\n" + prompt + tokenizer.decode(out[0]) if a.show_probs else "")
     return 0
+
+
+TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                             "\u2014": "-", "\u2212": "-", "\u00a0": " "})
 
 
 def read_questions(path):
     """A JSON Lines file of {"question": "...", "answer": 7, "family": "..."(optional)}."""
     if not os.path.exists(path):
         raise UserError(f"questions file {path} does not exist")
-    problems = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg})")
-            if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
-                raise UserError(f'{path} line {n}: needs a "question" string')
-            if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool):
-                raise UserError(f'{path} line {n}: needs an integer "answer"')
-            problems.append({"question": d["question"], "answer": d["answer"],
-                             "family": str(d.get("family", "custom")), "split": "custom"})
+    if not os.path.isfile(path):
+        raise UserError(f"questions file {path} is not a regular file: give a .jsonl file")
+    problems, n = [], 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n}: not valid JSON ({e.msg})")
+                except (ValueError, RecursionError):   # a number of over 4,300 digits; nesting too deep
+                    raise UserError(f"{path} line {n}: not a question this tool can read (a huge number "
+                                    "or deep nesting)")
+                if not isinstance(d, dict) or not isinstance(d.get("question"), str) or not d["question"].strip():
+                    raise UserError(f'{path} line {n}: needs a "question" string')
+                if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool) or \
+                        abs(d["answer"]) >= 10 ** 18:
+                    raise UserError(f'{path} line {n}: needs an integer "answer" (under 10^18)')
+                q = d["question"].translate(TYPOGRAPHIC)   # ’ “ ” – as a keyboard types them
+                if len(q) > 2000 or re.search(r"\d{19}", q):
+                    raise UserError(f"{path} line {n}: the question is over 2,000 characters or holds a number "
+                                    "of over 18 digits")
+                problems.append({"question": q, "answer": d["answer"],
+                                 "family": str(d.get("family", "custom"))[:40], "split": "custom"})
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 (near line {n + 1}): re-save it as UTF-8")
     if not problems:
         raise UserError(f"{path} holds no questions")
     return problems
@@ -1825,19 +2127,13 @@ def cmd_chat(a):
     return 0
 
 
-def free_out(path, overwrite):
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists: add --overwrite to replace it, or choose another --out")
-
-
 def cmd_plot(a):
-    free_out(a.out, a.overwrite)
-    plot_logs(a.logs, a.out)
+    plot_logs(a.logs, free_out(image_out(a.out), a.overwrite))
     return 0
 
 
 def cmd_attention(a):
-    free_out(a.out, a.overwrite)
+    a.out = free_out(image_out(a.out), a.overwrite)
     model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
     ids = tokenizer.encode(a.prompt.replace("\\n", "\n"))[-model.cfg.block_size:]
     layer = model.cfg.n_layer - 1 if a.layer is None else a.layer
@@ -1849,7 +2145,7 @@ def cmd_attention(a):
 
 
 def cmd_export(a):
-    free_out(a.out, a.overwrite)
+    free_out(a.out, a.overwrite, folder_output=a.format == "hf")
     model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
     export_onnx(model, a.out) if a.format == "onnx" else export_hf(model, tokenizer, a.out)
     return 0
@@ -1881,44 +2177,44 @@ def build_parser():
     t.add_argument("--data", nargs="+", help="your own UTF-8 text files or folders (default: the built-in corpus)")
     t.add_argument("--tokenizer", choices=["char", "bpe"], help="characters, or byte-level BPE "
                    "(default: bpe on the built-in corpus, char on --data)")
-    t.add_argument("--vocab-size", type=positive(int, "--vocab-size", 1), default=512, help="BPE vocabulary size")
-    t.add_argument("--n-layer", type=positive(int, "--n-layer", 1), default=4)
-    t.add_argument("--n-head", type=positive(int, "--n-head", 1), help="default: 2 on the built-in corpus, 3 on --data")
-    t.add_argument("--n-embd", type=positive(int, "--n-embd", 1), help="width of the model "
+    t.add_argument("--vocab-size", type=positive(int, "--vocab-size", 1, 65536), default=512, help="BPE vocabulary size")
+    t.add_argument("--n-layer", type=positive(int, "--n-layer", 1, 64), default=4)
+    t.add_argument("--n-head", type=positive(int, "--n-head", 1, 64), help="default: 2 on the built-in corpus, 3 on --data")
+    t.add_argument("--n-embd", type=positive(int, "--n-embd", 1, 4096), help="width of the model "
                    "(default: 128 on the built-in corpus, 192 on --data)")
-    t.add_argument("--block-size", type=positive(int, "--block-size", 2), help="context length in tokens "
+    t.add_argument("--block-size", type=positive(int, "--block-size", 2, 8192), help="context length in tokens "
                    "(default: 192 on the built-in corpus, 128 on --data)")
     t.add_argument("--dropout", type=positive(float, "--dropout", 0, 0.99), default=0.0)
     t.add_argument("--fused-attention", action="store_true",
                    help="use F.scaled_dot_product_attention on a CPU too (a GPU always does)")
-    t.add_argument("--max-params", type=positive(int, "--max-params", 0), default=2_000_000,
+    t.add_argument("--max-params", type=positive(int, "--max-params", 0, MAX_LOAD_PARAMS), default=2_000_000,
                    help="the parameter ceiling (0: none)")
-    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1), help="default: 8 on the built-in "
+    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1, 4096), help="default: 8 on the built-in "
                    "corpus, 16 on --data (both chosen by 10-minute runs)")
-    t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1), default=1, help="batches per optimizer step")
+    t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1, 1024), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True),
                    help="peak learning rate (default: 2e-3 on the built-in corpus, 3e-3 on --data)")
     t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
-    t.add_argument("--max-iters", type=positive(int, "--max-iters", 1), default=1_000_000, help="stop after this many steps")
+    t.add_argument("--max-iters", type=positive(int, "--max-iters", 1, 10 ** 9), default=1_000_000, help="stop after this many steps")
     t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0), default=9.0,
                    help="stop after this many minutes of training, 0 for no limit (the learning-rate "
                         "schedule follows whichever budget, steps or minutes, ends first)")
-    t.add_argument("--stop-after", type=positive(int, "--stop-after", 0), default=0,
+    t.add_argument("--stop-after", type=positive(int, "--stop-after", 0, 10 ** 9), default=0,
                    help="stop after this many steps and save a resumable checkpoint, as Ctrl-C does")
-    t.add_argument("--eval-interval", type=positive(int, "--eval-interval", 1), default=250)
+    t.add_argument("--eval-interval", type=positive(int, "--eval-interval", 1, 10 ** 9), default=250)
     t.add_argument("--val-fraction", type=positive(float, "--val-fraction", 0, 0.5), default=0.1,
                    help="share of your text kept for validation (its end)")
     t.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where token ids of --data are cached")
     t.add_argument("--corpus-format", default="working", choices=["working", "direct"],
                    help="built-in corpus: with written working, or bare answers (the control)")
-    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100), default=100_000,
+    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100, 10_000_000), default=100_000,
                    help="built-in corpus: number of training problems")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA and on CPUs where it is faster, else fp32")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (compiling, in the "
                    "first step, is not counted in --max-minutes)")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=SEED, default=1337)
     t.add_argument("--out", default=DEFAULT_CKPT, help="checkpoint path (the best one is saved beside it as .best.pt)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
@@ -1938,26 +2234,26 @@ def build_parser():
     for q in (pl, at, x):
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
-    g.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0), default=200)
-    g.add_argument("--temperature", type=positive(float, "--temperature", 0), default=0.0, help="0 means greedy")
+    g.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0, 100_000), default=200)
+    g.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
     g.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
     g.add_argument("--top-p", type=positive(float, "--top-p", 0, 1, lo_open=True), default=None)
-    g.add_argument("--repetition-penalty", type=positive(float, "--repetition-penalty", 0, lo_open=True), default=1.0)
+    g.add_argument("--repetition-penalty", type=positive(float, "--repetition-penalty", 0.01, 100), default=1.0)
     g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
-    g.add_argument("--num-samples", type=positive(int, "--num-samples", 1), default=1)
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--num-samples", type=positive(int, "--num-samples", 1, 1000), default=1)
+    g.add_argument("--seed", type=SEED, default=1337)
     g.add_argument("--show-probs", action="store_true", help="print the five likeliest candidates for each token")
-    e.add_argument("-n", type=positive(int, "-n", 1), default=1000, help="questions per split")
+    e.add_argument("-n", type=positive(int, "-n", 1, 100_000), default=1000, help="questions per split")
     e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
     e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
-    e.add_argument("--votes", type=positive(int, "--votes", 1), default=1, help="majority of K sampled replies")
-    e.add_argument("--temperature", type=positive(float, "--temperature", 0, lo_open=True), default=0.8,
+    e.add_argument("--votes", type=positive(int, "--votes", 1, 100), default=1, help="majority of K sampled replies")
+    e.add_argument("--temperature", type=positive(float, "--temperature", 0.01, 100), default=0.8,
                    help="sampling temperature for --votes")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    c.add_argument("--temperature", type=positive(float, "--temperature", 0), default=0.0, help="0 means greedy")
+    c.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
     c.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
-    c.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0), default=0, help="0: the context length")
+    c.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0, 100_000), default=0, help="0: the context length")
     pl.add_argument("logs", nargs="+", help="checkpoints (their .log.jsonl is read) or logs")
     pl.add_argument("--out", default="loss.png")
     at.add_argument("--prompt", required=True)
@@ -1980,6 +2276,9 @@ def main(argv=None):
     except KeyboardInterrupt:   # Ctrl-C in chat or generate, or a second one in training
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `generate ... | head -3`: the reader has gone, so stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

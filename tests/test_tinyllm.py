@@ -400,6 +400,27 @@ def test_generate_keeps_the_training_mode():
     assert model.training
 
 
+def test_streaming_prints_every_token_once_and_the_end_even_cut_off(capsys):
+    tok = T.BPETokenizer.train([TEXT] * 20, vocab_size=300)
+    text = "Äpfel kosten 3 €. 🍎 and more text " * 3
+    ids = tok.encode(text)
+    on_token = T.streamer(tok)
+    assert not any(on_token(0, i, None) for i in ids)
+    on_token.finish()
+    assert capsys.readouterr().out == text
+    assert len(tok.encode("😀")) == 4                  # never seen in training: one token per byte
+    cut = tok.encode("😀")[:2]                          # the reply ends half-way through the character
+    on_token = T.streamer(tok)
+    for i in tok.encode("ok ") + cut:
+        on_token(0, i, None)
+    assert capsys.readouterr().out == "ok "      # the cut-off character waits ...
+    on_token.finish()
+    assert capsys.readouterr().out.startswith("\ufffd")   # ... and is printed at the end
+    on_token = T.streamer(tok, stop="kosten")
+    stopped = [on_token(0, i, None) for i in ids]
+    assert capsys.readouterr().out == "Äpfel kosten" and stopped[-1] and any(stopped)
+
+
 def test_end_token_stops_generation():
     model = tiny_model()
     first = T.generate(model, [[1, 2]], 1, temperature=0.0)[0][0]
@@ -520,6 +541,22 @@ def test_cli_thinking_corpus_train_and_eval(tmp_path):
     (["generate", "--prompt", "hi", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "--prompt", "hi", "--top-p", "1.5"], "--top-p must be <= 1"),
     (["eval", "--questions", "nothing.jsonl"], "does not exist"),
+    (["eval", "--questions", "latin1.txt"], "is not UTF-8"),
+    (["eval", "--questions", "."], "is not a regular file"),
+    (["eval", "--questions", "huge_answer.jsonl"], "line 1: not a question this tool can read"),
+    (["eval", "--questions", "big_answer.jsonl"], 'needs an integer "answer" (under 10^18)'),
+    (["eval", "--questions", "big_number.jsonl"], "holds a number of over 18 digits"),
+    (["eval", "--questions", "deep.jsonl"], "line 1: not a question this tool can read"),
+    (["generate", "--prompt", "hi", "--temperature", "1e-300"], "--temperature must be 0 (greedy) or at least 0.01"),
+    (["generate", "--prompt", "hi", "--repetition-penalty", "1e-300"], "--repetition-penalty must be >= 0.01"),
+    (["generate", "--prompt", "hi", "--seed", str(10 ** 23)], "--seed must be <="),
+    (["train", "--seed", "-1"], "--seed must be >= 0"),
+    (["train", "--block-size", "100000"], "--block-size must be <= 8192"),
+    (["train", "--batch-size", str(10 ** 9)], "--batch-size must be <= 4096"),
+    (["train", "--batch-size", "4096", "--block-size", "8192"], "tokens a step; at most 1,048,576"),
+    (["train", "--n-layer", "100000"], "--n-layer must be <= 64"),
+    (["train", "--data", "/dev/zero"], "is not a regular file"),
+    (["train", "--cache-dir", "short.txt/cache", "--data", "short.txt", "--block-size", "4"], "cannot make the folder"),
 ])
 def test_bad_input_gets_a_clear_message(tmp_path, args, message):
     (tmp_path / "empty.txt").write_bytes(b"")
@@ -529,6 +566,10 @@ def test_bad_input_gets_a_clear_message(tmp_path, args, message):
     (tmp_path / "short.txt").write_text("just a few words")
     (tmp_path / "notackpt.pt").write_bytes(b"garbage" * 100)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "huge_answer.jsonl").write_text('{"question": "q", "answer": ' + "9" * 5000 + "}\n")
+    (tmp_path / "big_answer.jsonl").write_text('{"question": "q", "answer": ' + "9" * 30 + "}\n")
+    (tmp_path / "big_number.jsonl").write_text(json.dumps({"question": "What is " + "9" * 5000 + " + 1?", "answer": 1}))
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     r = run_cli(*args, "--out" if args[0] == "train" else "--device", str(tmp_path / "o.pt") if args[0] == "train" else "cpu",
                 cwd=tmp_path, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -602,7 +643,9 @@ def test_compile_time_is_not_counted_in_the_budget(tmp_path, monkeypatch):
     assert r["step"] >= 3 and r["elapsed"] < 4   # counted, the 4 s first step alone would end the 3 s budget
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, sig):
+    # Ctrl-C, and a shutdown, `timeout`, a closed terminal or a job scheduler (SIGTERM, SIGHUP)
     import signal
     import time
     data = tmp_path / "d.txt"
@@ -614,13 +657,76 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     deadline = time.time() + 120
     while not out.exists() and time.time() < deadline:   # wait until training has really begun
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr
     assert "--resume" in stdout and "Traceback" not in stderr
     ck = T.load_checkpoint(str(out))
     assert ck["step"] > 0
     T.model_from_checkpoint(ck)
+    assert not os.path.exists(str(out) + ".lock")   # the lock went with the training
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_one_training_per_out_and_what_dead_runs_left_is_cleared(tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("the rain in spain stays mainly in the plain. " * 40)
+    out = tmp_path / "m.pt"
+    (tmp_path / "m.pt.lock").write_text(str(os.getpid()))   # a live training holds it
+    r = run_cli(*small_train_args(data, out, "--max-iters", "5"))
+    assert r.returncode == 2 and f"another training (pid {os.getpid()}) is writing" in r.stderr
+    assert not out.exists()
+    pid = dead_pid()
+    (tmp_path / "m.pt.lock").write_text(str(pid))             # a training that died (kill -9)
+    cache = tmp_path / "m.pt.cache"
+    cache.mkdir()
+    left = [tmp_path / f".m.pt.tmp{pid}", tmp_path / f".write-test{pid}", cache / f"ids-0000abcd-1.uint16.bin.tmp{pid}"]
+    for f in left:
+        f.write_bytes(b"x" * 100)
+    live = tmp_path / f".other.pt.tmp{os.getpid()}"           # a live process's save in progress
+    live.write_bytes(b"x")
+    mine = tmp_path / f"notes.tmp{pid}"                       # a user's file: not a name tinyllm makes
+    mine.write_bytes(b"x")
+    r = run_cli(*small_train_args(data, out, "--max-iters", "5"))
+    assert r.returncode == 0, r.stderr
+    assert f"(pid {pid}) no longer runs" in r.stderr
+    assert not any(f.exists() for f in left) and live.exists() and mine.exists()
+    assert not (tmp_path / "m.pt.lock").exists() and out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/dev/zero"], "is not a regular file"),
+    (["train", "--out", "afolder"], "exists and is not a regular file"),
+    (["train", "--out", "afolder", "--overwrite"], "exists and is not a regular file"),
+    (["plot", "run.log.jsonl", "--out", "report"], "report.png already exists"),
+    (["plot", "run.log.jsonl", "--out", "x.xyz"], "a picture is written as"),
+    (["plot", "run.log.jsonl", "--out", "missing/x.png"], "does not exist"),
+    (["plot", "run.log.jsonl", "--out", "afolder", "--overwrite"], "is not a regular file"),
+    (["attention", "--prompt", "ab", "--checkpoint", "m.pt", "--out", "report"], "report.png already exists"),
+    (["export", "--format", "hf", "--checkpoint", "m.pt", "--out", "report.png", "--overwrite"], "is not a folder"),
+    (["export", "--format", "onnx", "--checkpoint", "m.pt", "--out", "afolder", "--overwrite"],
+     "is not a regular file"),
+    (["export", "--format", "onnx", "--checkpoint", "m.pt", "--out", "missing/m.onnx"], "does not exist"),
+])
+def test_outputs_are_checked_before_any_work(tmp_path, args, message):
+    # nothing is written to a path other than the one named, a non-regular file is never replaced,
+    # and "wrote" means written
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "report.png").write_bytes(b"the user's picture")
+    (tmp_path / "run.log.jsonl").write_text(json.dumps({"step": 0, "tokens": 0, "train_loss": 1.0, "val_loss": 1.0}) + "\n")
+    tok = T.CharTokenizer("abc")
+    T.save_checkpoint(str(tmp_path / "m.pt"), checkpoint_state(tiny_model(vocab_size=tok.vocab_size), tok))
+    r = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "report.png").read_bytes() == b"the user's picture"
+    assert sorted(os.listdir(tmp_path / "afolder")) == []
 
 
 def test_untrusted_checkpoint_cannot_run_code(tmp_path):
@@ -637,6 +743,113 @@ def test_untrusted_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(T.UserError, match="not a loadable tinyllm checkpoint"):
         T.load_checkpoint(str(path))
     assert not marker.exists()
+
+
+def hostile(change):
+    """A valid tiny checkpoint's state with one change made to it (a function of the state)."""
+    tok = T.CharTokenizer("abc")
+    state = checkpoint_state(tiny_model(vocab_size=tok.vocab_size), tok, meta={"data": None})
+    change(state)
+    return state
+
+
+HOSTILE = [   # (what the file holds, what the tool must say): one line to add the next one
+    (lambda s: s["config"].update(block_size=50_000), "block_size is 50000, it must be a whole number from 1 to 8192"),
+    (lambda s: s["config"].update(block_size=10 ** 5), "block_size is 100000"),
+    (lambda s: s["config"].update(n_layer=100_000), "n_layer is 100000"),
+    (lambda s: s["config"].update(n_embd=10 ** 6), "n_embd is 1000000"),
+    (lambda s: s["config"].update(n_embd="16"), "n_embd is '16', it must be a whole number"),
+    (lambda s: s["config"].update(n_embd=16.5), "n_embd is 16.5"),
+    (lambda s: s["config"].update(n_head=0), "n_head is 0"),
+    (lambda s: s["config"].update(n_head=3), "n_embd=16 is not divisible by n_head=3"),
+    (lambda s: s["config"].update(dropout=5.0), "dropout is 5.0"),
+    (lambda s: s["config"].update(bias="yes"), "bias is 'yes', it must be true or false"),
+    (lambda s: s["config"].pop("n_layer"), "n_layer is missing"),
+    (lambda s: s["config"].update(n_layer=64, n_embd=4096, n_head=64), "claims a model of"),
+    (lambda s: s.update(config=[1, 2]), "broken config (not a dictionary"),
+    (lambda s: s.update(tokenizer="[1, 2]"), "tokenizer is not a JSON object"),
+    (lambda s: s.update(tokenizer=7), "tokenizer is not a JSON object"),
+    (lambda s: s.update(tokenizer="not json"), "broken tokenizer"),
+    (lambda s: s.update(tokenizer=json.dumps({"kind": "bpe", "tokenizer": "not json"})), "broken tokenizer"),
+    (lambda s: s.update(tokenizer=json.dumps({"kind": "char", "chars": ""})), "not one this tool writes"),
+    (lambda s: s["model"].update({"wte.weight": "strings"}), "not a dictionary of tensors"),
+    (lambda s: s["model"].update({"extra": torch.zeros(3)}), "unexpected ['extra']"),
+    (lambda s: s["model"].update({"wte.weight": s["model"]["wte.weight"].half()}), "wrong shape or dtype"),
+    (lambda s: s["model"].update({"wte.weight": torch.zeros(5, 5)}), "wrong shape or dtype for ['wte.weight'"),
+    (lambda s: s["model"].pop("ln_f.weight"), "missing ['ln_f.weight']"),
+    (lambda s: s.update(meta=None), "meta is not a dictionary"),
+    (lambda s: s.pop("step"), "step is None"),
+    (lambda s: s.update(step=-5), "step is -5"),
+    (lambda s: s.update(best_val_loss="low"), "best_val_loss is 'low'"),
+]
+
+
+@pytest.mark.parametrize("change, message", HOSTILE)
+def test_hostile_checkpoints_are_refused_before_anything_is_built(tmp_path, change, message, capsys):
+    path = tmp_path / "h.pt"
+    torch.save(hostile(change), path)
+    assert T.main(["info", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_refusing_every_hostile_checkpoint_takes_little_memory(tmp_path):
+    # one process refuses them all; its peak memory bounds each refusal's
+    paths = []
+    for i, (change, _) in enumerate(HOSTILE):
+        paths.append(str(tmp_path / f"h{i}.pt"))
+        torch.save(hostile(change), paths[-1])
+    code = ("import sys, resource; sys.path.insert(0, sys.argv[1]); import tinyllm as T\n"
+            "codes = [T.main(['info', '--checkpoint', p]) for p in sys.argv[2:]]\n"
+            "print(set(codes), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    r = subprocess.run([sys.executable, "-c", code, ROOT, *paths], capture_output=True, text=True, timeout=300)
+    codes, peak_mb = r.stdout.strip().rsplit(" ", 1)
+    assert codes == "{2}" and "Traceback" not in r.stderr, r.stderr
+    assert int(peak_mb) < 400   # importing torch alone is about 225 MB
+
+
+def run_measured(*args):
+    """run_cli, and the child's peak memory (its own getrusage, printed at exit) in MB."""
+    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+            "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "finally: print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "tinyllm.py"), *args],
+                       capture_output=True, text=True, timeout=120)
+    peak = re.findall(r"PEAK (\d+)", r.stderr)
+    r.peak_mb = int(peak[-1]) / 1024 if peak else float("inf")
+    r.stderr = re.sub(r"PEAK \d+\n?", "", r.stderr)
+    return r
+
+
+def test_a_compressed_checkpoint_cannot_unpack_to_gigabytes(tmp_path):
+    # 100 MB of zeros hidden in a file of about 100 KB: torch.save never compresses, so this is refused
+    import zipfile
+    plain, packed = tmp_path / "plain.pt", tmp_path / "packed.pt"
+    torch.save(hostile(lambda s: s["model"].update({"bomb": torch.zeros(25_000_000)})), plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            dst.writestr(item.filename, src.read(item.filename))
+    assert os.path.getsize(packed) < 2_000_000
+    r = run_measured("info", "--checkpoint", str(packed))
+    assert r.returncode == 2 and "holds compressed data" in r.stderr and r.peak_mb < 400, (r.stderr, r.peak_mb)
+    r = run_measured("info", "--checkpoint", str(plain))   # stored: mapped, not read; refused by its keys
+    assert r.returncode == 2 and "unexpected ['bomb']" in r.stderr and r.peak_mb < 400, (r.stderr, r.peak_mb)
+
+
+def test_a_broken_training_state_cannot_be_resumed(tmp_path):
+    tok = T.CharTokenizer("abc")
+    model = tiny_model(vocab_size=tok.vocab_size)
+    for change, message in [({"meta": {"data": None}}, "its run settings (meta) are missing"),
+                            ({"meta": {"data": 5, "corpus_format": "working", "corpus_size": 10, "settings": {}}},
+                             "data paths are not a list"),
+                            ({"meta": {"data": None, "corpus_format": "working", "corpus_size": 10,
+                                       "settings": {"batch_size": -3}}}, "training settings are odd"),
+                            ({"meta": {"data": None, "corpus_format": "working", "corpus_size": 10, "settings": {}},
+                              "optimizer": None}, "optimizer or random-number state")]:
+        path = tmp_path / "r.pt"
+        T.save_checkpoint(str(path), checkpoint_state(model, tok, **change))
+        r = run_cli("train", "--out", str(path), "--resume", "--max-minutes", "0", "--max-iters", "2")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_checkpoint_that_disagrees_with_its_config_is_refused(tmp_path):
@@ -703,7 +916,7 @@ def test_a_failing_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(T.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(T.UserError, match="could not write .*No space left on device; any checkpoint"):
         T.save_checkpoint(path, dict(state, step=2))
     monkeypatch.undo()
     assert T.load_checkpoint(path)["step"] == 1
