@@ -668,6 +668,21 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, sig):
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
 
 
+def test_a_reader_that_leaves_and_odd_chat_commands(tmp_path):
+    tok = T.CharTokenizer("abc \n")
+    path = str(tmp_path / "m.pt")
+    T.save_checkpoint(path, checkpoint_state(tiny_model(vocab_size=tok.vocab_size), tok))
+    cmd = f"{sys.executable} {os.path.join(ROOT, 'tinyllm.py')} generate --checkpoint {path} --prompt ab " \
+          "--temperature 1 --max-new-tokens 5000 | head -c 3"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)   # `| head`
+    assert r.stdout == "ab" + r.stdout[2:] and len(r.stdout) == 3 and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tinyllm.py"), "chat", "--checkpoint", path],
+                       input="/topk 1" + "0" * 400 + "\n/temp 0.000000000001\n/temp 1e-300\nab\n",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("commands: /temp T") == 3   # each refused with the help line, then the question
+
+
 def dead_pid():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -713,6 +728,9 @@ def test_one_training_per_out_and_what_dead_runs_left_is_cleared(tmp_path):
     (["export", "--format", "onnx", "--checkpoint", "m.pt", "--out", "afolder", "--overwrite"],
      "is not a regular file"),
     (["export", "--format", "onnx", "--checkpoint", "m.pt", "--out", "missing/m.onnx"], "does not exist"),
+    (["plot", "afolder"], "no training log at afolder"),
+    (["plot", "latin1.log.jsonl"], "not UTF-8 JSON Lines"),
+    (["plot", "noloss.log.jsonl"], "each needs tokens, train_loss and val_loss"),
 ])
 def test_outputs_are_checked_before_any_work(tmp_path, args, message):
     # nothing is written to a path other than the one named, a non-regular file is never replaced,
@@ -721,6 +739,8 @@ def test_outputs_are_checked_before_any_work(tmp_path, args, message):
     (tmp_path / "pic.png").mkdir()
     (tmp_path / "report.png").write_bytes(b"the user's picture")
     (tmp_path / "run.log.jsonl").write_text(json.dumps({"step": 0, "tokens": 0, "train_loss": 1.0, "val_loss": 1.0}) + "\n")
+    (tmp_path / "latin1.log.jsonl").write_bytes('{"step": 0, "note": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "noloss.log.jsonl").write_text(json.dumps({"step": 0, "tokens": 0, "val_loss": 1.0}) + "\n")
     tok = T.CharTokenizer("abc")
     T.save_checkpoint(str(tmp_path / "m.pt"), checkpoint_state(tiny_model(vocab_size=tok.vocab_size), tok))
     r = run_cli(*args, cwd=tmp_path, timeout=120)
