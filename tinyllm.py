@@ -353,7 +353,7 @@ def make_problem(rng, family, steps=None):
                 f"{n} has {x} {obj}. {m} has {y} {obj}. How many more {obj} does {big} have than {small}?",
                 f"{n} has {x} {obj} and {m} has {y}. How many fewer {obj} does {small} have than {big}?",
                 f"{n} read {x} pages. {m} read {y} pages. How many more pages did {big} read?"])
-            # the smaller number first: count up from it, so both are copied in the question's order
+            # the smaller number first: "x + ? = y:", so both are copied in the question's order
             work, ans = count_up_working(x, y) if small_first else column_working(x, "-", y)
             work = which_is_more(x, y) + " " + work
         pairs.append((a, b))
@@ -946,8 +946,8 @@ def model_from_checkpoint(ck, path="checkpoint"):
     cfg = check_config(ck.get("config"), path)   # types and ranges, before anything is built (appendix)
     try:
         tokenizer = tokenizer_from_json(ck["tokenizer"])
-    except UserError:
-        raise
+    except UserError as e:
+        raise UserError(f"{path}: {e}")
     except Exception as e:   # the tokenizers library raises a bare Exception on a broken string
         raise UserError(f"{path} has a broken tokenizer: {str(e)[:200] or type(e).__name__}")
     if tokenizer.vocab_size != cfg.vocab_size:

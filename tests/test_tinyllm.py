@@ -116,7 +116,7 @@ def test_a_difference_reads_its_columns_before_dropping_the_0s_in_front():
             assert work.endswith(f"= {read} = {a - b}." if read != str(a - b) else f"= {a - b}.")
 
 
-def test_compare_says_which_is_more_then_counts_up_when_the_smaller_number_comes_first():
+def test_compare_says_which_is_more_then_subtracts_in_the_question_order():
     assert T.which_is_more(54, 52) == "54 vs 52: 5 = 5, 4 > 2."
     assert T.which_is_more(7, 13) == "7 vs 13: 0 < 1."        # the shorter number gets a 0 in front
     for x in range(0, 120):
