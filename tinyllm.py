@@ -161,43 +161,33 @@ def encode_many(tokenizer, texts):
 
 # -----------------------------------------------------------------------------------------------
 # 2. The thinking corpus
-# A model learns what its data shows. Bare answers ("Answer: 632") ask a 2M-parameter model to do
-# column addition in one forward pass; it cannot. Written working breaks each problem into steps
-# a small model can take one token at a time: restate the sum, add one column at a time with the
-# carry written out, build products by counting groups, then give the answer.
+# A model learns what its data shows. Bare answers ("Answer: 632") ask a 2M-parameter model to read
+# a story and do column addition in one forward pass; it cannot. Written working breaks each problem
+# into steps a small model can take one token at a time: first it reads the story into an equation
+# with ? for what is asked, then it works that equation out column by column, then it answers.
 #
-#   Q: Tom has 47 apples. Tom gets 35 more. How many apples does Tom have now?
-#   A: 47 + 35: 7 + 5 = 12, 4 + 3 + 1 = 8, so 47 + 35 = 82.
-#   Answer: 82
+#   Q: Mia had some shells. She gave away 18 of them. Now she has 25 shells left. How many shells
+#      did Mia have at first?
+#   A: ? - 18 = 25. ? = 25 + 18. 25 + 18: 5 + 8 = 13, 2 + 1 + 1 = 4, so 25 + 18 = 43.
+#   Answer: 43
 #
-# Columns go ones first; a missing digit is written as 0; a carry is "+ 1" in the next column and a
-# borrow "- 1" (the borrowing column shows its 10 + digit, as in "12 - 7 = 5"). A difference is read
-# off its columns before the 0s in front are dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 =
-# 05 = 5." (when "= 5" came straight after the columns, models wrote "= 55").
-# Products add one group at a time and count down the groups still to add: "3 x 7: 7 (2 left),
-# 7 + 7 = 14 (1 left), 14 + 7 = 21 (0 left), so 3 x 7 = 21."; divisions take a group away until
-# nothing is left: "12 / 4: 12 - 4 = 8 (1), 8 - 4 = 4 (2), 4 - 4 = 0 (3), so 12 / 4 = 3." Either
-# way the model decides when to stop by reading a 0 in the step it just wrote, not by comparing
-# numbers far apart.
-# A comparison first says which number is more, digit by digit from the left ("54 vs 52: 5 = 5,
-# 4 > 2."), so the method follows a sign just written. The bigger number first: it
-# subtracts. The smaller first: it asks what to add, "14 + ? = 38:", and finds ? column by column
-# with the subtractions of 38 - 14, each column's digit of 38 first: "8 - 4 = 4, 3 - 1 = 2, so ? = 24."
-# (read off its columns as a difference is). So the numbers are always copied in the question's
-# order: copying the second one first was what compare problems got wrong. And each column is a
-# subtraction the take problems practise too: when the columns added the missing digit instead
-# ("4 + 4 = 8"), that one skill had only these problems to learn from, and nearly every compare
-# failure of a half-trained model was such a digit. Every wording
-# comes in both orders, so the sign must be read from the digits: when some wordings always gave
-# the bigger number first, models wrote "54 vs 52: 5 < 5." to fit the wording).
-# A problem of several steps first copies its numbers in order ("34 + 12 - 22."), then works one
-# step at a time, each after the first headed by the chain up to it: "34 + 12 - 22: 46 - 22: ...".
-# Each header is the previous one and the next number of the chain, so the model finds that number
-# by a short copy, not by counting its way along the chain (without the headers, some 10-minute
-# runs never learned multi-step problems).
-# The working never names people or objects, so it does not depend on them. Names are drawn from a
-# list, invented ("Vigaze"), or given a title ("Prof. Ravi": a full stop that does not end the
-# sentence), so that names the lists never had cost little.
+# The stories are the kinds grade-school worksheets hold (their "schemas"): a change (join or
+# separate) with the result, the change or the start unknown; a combination (the total or one part
+# unknown); a comparison (the difference, or the bigger or smaller amount, unknown); equal groups,
+# prices and sharing; and two-step stories made of these. Each is told in many wordings: verbs and
+# sentence frames drawn from lists, pronouns for people already named, the question last or folded
+# into "If ..., how many ...?", and sometimes a fact the question does not need. The reading is what
+# the wording hides: "gave 18 of them away" and "some were given away" lead to different equations,
+# and writing the equation first makes a wrong reading a visible, checkable error (evaluation
+# scores it), not a wrong number from nowhere.
+# The arithmetic is the same written working for every story. Columns go ones first; a missing digit
+# is 0; a carry is "+ 1" in the next column and a borrow "- 1" (the borrowing column shows its
+# 10 + digit, as in "12 - 7 = 5"). A difference is read off its columns before the 0s in front are
+# dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 = 05 = 5." Products add one group at a time and
+# count the groups still to add, "3 x 7: 7 (2 left), 7 + 7 = 14 (1 left), 14 + 7 = 21 (0 left)";
+# divisions take a group away until nothing is left. Either way the model decides when to stop by
+# reading a 0 it just wrote, not by comparing numbers far apart.
+# The working never names people or objects, so it does not depend on them.
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
 #   questions  fresh questions, none appearing verbatim in the training text
@@ -205,24 +195,55 @@ def encode_many(tokenizer, texts):
 #              example of any family ever computes them
 #   facts      the multiplication facts in HELD_OUT_FACTS: no training problem multiplies or divides
 #              with them, so "a x b" for them never appears in the training text
+#   wordings   stories told only with the held-out verbs and sentence frames (see Teller)
 #   steps4     chains of four operations; training has one to three (a probe, not a target)
 # -----------------------------------------------------------------------------------------------
 
 NAMES = ("Tom Ann Sam Mia Ben Zoe Max Lily Leo Emma Jack Ava Noah Ella Omar Sara Ravi Lucy Ivan Nina "
          "Kai Rosa Finn Maya Hugo Iris Luca Anya Theo Chloe Amir Hana Owen Priya Jonas Mei Diego Fatima "
          "Ali Grace Mateo Yuki Ezra Layla Felix Aisha Oscar Nora").split()
+SURNAMES = "Hilt Lee Wong Smith Garcia Brown Khan Kim Jones Silva Novak Okafor Rossi Singh".split()
+TITLES = "Mr. Mrs. Ms. Dr. Prof. Coach Aunt Uncle Miss Sgt.".split()
+SYLLABLES = "ka lo mi ra ne to su vi da el an or is ul be fo ga hi jo ze".split()
 OBJECTS = ("apples pencils marbles stickers books cookies cards shells coins stamps eggs oranges "
            "balloons buttons crayons flowers toys cars beads rocks candies muffins pears plums "
            "lemons ribbons spoons cups boxes bottles leaves acorns nuts seeds bricks blocks "
-           "bananas carrots tickets feathers marbles peaches paper-clips dolls kites socks hats").split()
-SYLLABLES = "ka lo mi ra ne to su vi da el an or is ul be fo ga hi jo ze".split()
-TITLES = "Miss Aunt Grandma Coach Prof. Sgt. Lt. Gen.".split()
+           "bananas carrots tickets feathers peaches dolls kites socks hats cupcakes peanuts erasers "
+           "puzzles songs photos fish birds").split() + [
+           "bottle caps", "baseball cards", "pieces of gum", "toy cars", "sea shells", "party hats",
+           "dollars", "points", "trees", "students", "pictures", "lives", "cakes"]
+PLACES = "box jar basket bag bowl tank shelf drawer crate tray".split()
+PLURAL = {"box": "boxes", "shelf": "shelves"}   # the others add an s
+COLOURS = "red blue green yellow white black small big".split()
+RELATIVES = "brother sister mother father friend aunt uncle teacher cousin neighbour".split()
+# Verbs as (present, past). Every list of four or more has its every fourth entry held out: no
+# training problem uses it, and the "wordings" split uses only those (see Teller).
+GAIN = [("gets", "got"), ("finds", "found"), ("buys", "bought"), ("wins", "won"), ("picks", "picked"),
+        ("makes", "made"), ("collects", "collected"), ("catches", "caught"), ("earns", "earned"),
+        ("bakes", "baked"), ("receives", "received"), ("gathers", "gathered"), ("plants", "planted"),
+        ("grows", "grew"), ("adds", "added"), ("saves", "saved")]
+LOSE = [("gives away", "gave away"), ("loses", "lost"), ("eats", "ate"), ("drops", "dropped"),
+        ("sells", "sold"), ("uses", "used"), ("breaks", "broke"), ("trades away", "traded away"),
+        ("throws away", "threw away"), ("donates", "donated"), ("gives back", "gave back"),
+        ("hands out", "handed out"), ("removes", "removed"), ("spends", "spent"), ("takes out", "took out"),
+        ("cuts down", "cut down")]
+HAVE = [("has", "had"), ("owns", "owned"), ("starts with", "started with"), ("keeps", "kept"), ("holds", "held")]
 HELD_OUT_FACTS = {(3, 8), (4, 7), (6, 9), (7, 8)}   # with both orders: 8 x 3, 7 x 4, ... are held out too
 FAMILIES = ["add", "take", "compare", "groups", "share", "sum", "multistep"]
-# Training draws the families in these shares: twice as much of the three that take longest to learn
-# (compare decides which number is bigger, sum has three columns, multistep chains several steps).
-TRAINING_MIX = ["add", "take", "compare", "compare", "groups", "share", "sum", "sum", "multistep", "multistep"]
-MAX_PROBLEM_CHARS = 300   # a longer draw is drawn again; with the corpus's BPE that is under 170 tokens
+# Each family is one operation; its schemas are the kinds of story that lead to it. A story's working
+# starts with its reading, an equation with ? for the unknown, so "some got off; 21 were left" and
+# "21 - 9" are told apart in writing before any arithmetic.
+SCHEMAS = {
+    "add": ["join", "separate-start", "combine", "compare-more"],
+    "take": ["separate", "join-change", "join-start", "separate-change", "combine-part", "compare-fewer"],
+    "compare": ["compare-difference"], "groups": ["groups", "price"], "share": ["share", "bags"],
+    "sum": ["sum"], "multistep": ["changes", "combine3", "groups-change"]}
+# Training draws the families in these shares: more of the families with the most kinds of story
+# (take has six), and of compare and multistep, which take longest to learn (compare decides which
+# number is bigger, multistep chains several steps).
+TRAINING_MIX = ["add", "add", "take", "take", "take", "compare", "compare", "groups", "share", "sum",
+                "multistep", "multistep"]
+MAX_PROBLEM_CHARS = 320   # a longer draw is drawn again; with the corpus's BPE that is under 190 tokens
 
 
 def is_held_out_combo(a, b):
@@ -274,13 +295,6 @@ def column_working(a, op, b):
     return f"{a} {op} {b}: " + ", ".join(steps) + f", so {a} {op} {b} = {shown}.", result
 
 
-def count_up_working(a, b):
-    """How many more b is than a (a < b), in the question's order: "14 + ? = 38:", then ? column by
-    column by the subtractions b - a writes (each column's digit of b, then a's), read off its columns."""
-    steps, digits = column_steps(b, "-", a)
-    return f"{a} + ? = {b}: " + ", ".join(steps) + f", so ? = {read_off(digits, b - a)}.", b - a
-
-
 def which_is_more(x, y):
     """Which of x, y is more, read digit by digit from the left until two differ: "54 vs 52: 5 = 5, 4 > 2."."""
     width = max(len(str(x)), len(str(y)))   # the shorter number gets 0s in front: "7 vs 13: 0 < 1."
@@ -310,103 +324,416 @@ def divide_working(total, size):
     return f"{total} / {size}: " + ", ".join(parts) + f", so {total} / {size} = {k}.", k
 
 
-def random_name(rng):
-    r = rng.random()
-    if r < 0.25:   # invented names teach the model that names do not matter
-        return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
-    if r < 0.4:    # and titles, some with a full stop that does not end the sentence
-        return rng.choice(TITLES) + " " + rng.choice(NAMES)
-    return rng.choice(NAMES)
+class Teller:
+    """The words of one problem, drawn from rng. Every list of four or more options has every fourth
+    option held out: held=False draws only from the others (training and the usual splits), held=True
+    only from the held-out ones (the "wordings" split), so its sentences are ones training never saw."""
+
+    def __init__(self, rng, held=False):
+        self.rng, self.held = rng, held
+
+    def pick(self, options):
+        if len(options) >= 4:
+            options = [o for i, o in enumerate(options) if (i % 4 == 3) == self.held]
+        return self.rng.choice(options)
+
+    def people(self):
+        """Three different people; each has a pronoun, so "she" or "he" can refer back."""
+        out = {}
+        for key in "nmo":
+            while True:
+                r = self.rng.random()
+                if r < 0.2:   # invented names teach the model that names do not matter
+                    name = "".join(self.rng.choice(SYLLABLES) for _ in range(self.rng.randint(2, 4))).capitalize()
+                elif r < 0.35:   # titles, some with a full stop that does not end the sentence
+                    name = self.rng.choice(TITLES) + " " + self.rng.choice(SURNAMES + NAMES)
+                else:
+                    name = self.rng.choice(NAMES)
+                if name not in [p[0] for p in out.values()]:
+                    break
+            out[key] = (name,) + self.rng.choice([("she", "her", "her"), ("he", "him", "his")])
+        return out
+
+    def render(self, text, people):
+        """[n] is person n as the subject, [n1] as the object, [n2] possessive, [n!] always the name.
+        The first mention names them; a later one may be a pronoun if nobody else was named between."""
+        said, last, out, pos = set(), None, [], 0
+        for mt in re.finditer(r"\[([nmo])([12!]?)\]", text):
+            key, case = mt[1], mt[2]
+            name, *pro = people[key]
+            if key in said and key == last and case != "!" and self.rng.random() < 0.6:
+                word = pro[int(case or 0)]
+            else:
+                word = name + ("'s" if case == "2" else "")
+            start = mt.start() == 0 or text[mt.start() - 2:mt.start()] in (". ", "? ")
+            out += [text[pos:mt.start()], word[0].upper() + word[1:] if start else word]
+            said.add(key); last, pos = key, mt.end()
+        return "".join(out) + text[pos:]
 
 
-def make_problem(rng, family, steps=None):
-    """One problem: (question, working, answer, operand pairs it computes, multiplication facts it uses)."""
-    n, m, obj = random_name(rng), random_name(rng), rng.choice(OBJECTS)
-    while m == n:
-        m = random_name(rng)
-    pairs, facts = [], []
-    if family == "add":
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        q = rng.choice([
-            f"{n} has {a} {obj}. {n} gets {b} more. How many {obj} does {n} have now?",
-            f"{n} had {a} {obj} and found {b} more. How many {obj} does {n} have in all?",
-            f"There are {a} {obj} in a box. {n} puts in {b} more. How many {obj} are in the box now?",
-            f"{n} buys {a} {obj}, then {b} more {obj}. How many {obj} did {n} buy?"])
-        work, ans = column_working(a, "+", b)
-        pairs.append((a, b))
-    elif family in ("take", "compare"):
-        a = rng.randint(5, 99)
-        b = rng.randint(1, a - 1)
-        if family == "take":
-            q = rng.choice([
-                f"{n} has {a} {obj}. {n} gives away {b}. How many {obj} does {n} have now?",
-                f"There were {a} {obj} on the table. {n} took {b}. How many {obj} are left?",
-                f"{n} had {a} {obj} and lost {b} of them. How many {obj} are left?",
-                f"{n} has {a} {obj} and uses {b}. How many {obj} does {n} have left?"])
-            work, ans = column_working(a, "-", b)
+def number_pair(rng, family):
+    """Two numbers for one addition or subtraction: mostly up to 99, sometimes up to 999."""
+    top = 999 if rng.random() < 0.2 else 99
+    a = rng.randint(5, top)
+    return a, rng.randint(1, a - 1)
+
+
+def solve(reading, chain=None):
+    """The working after the reading: an unknown inside the equation is moved to the left first
+    ("18 + ? = 44, so ? = 44 - 18."), then the arithmetic as in the functions above."""
+    lhs, rhs = reading.split(" = ")
+    if rhs != "?":   # "a + ? = c", "? + b = c", "a - ? = c" or "? - b = c"
+        x, op, y = lhs.split()
+        c = int(rhs)
+        if op == "+":
+            a, op2, b = c, "-", int(y if x == "?" else x)
+        elif x == "?":
+            a, op2, b = c, "+", int(y)
         else:
-            # every wording comes in either order, so only the numbers say which is more
-            small_first = rng.random() < 0.5
-            x, y = (b, a) if small_first else (a, b)         # the numbers in the question's order
-            big, small = (m, n) if small_first else (n, m)   # n has x, m has y
-            q = rng.choice([
-                f"{n} has {x} {obj}. {m} has {y} {obj}. How many more {obj} does {big} have than {small}?",
-                f"{n} has {x} {obj} and {m} has {y}. How many fewer {obj} does {small} have than {big}?",
-                f"{n} read {x} pages. {m} read {y} pages. How many more pages did {big} read?"])
-            # the smaller number first: "x + ? = y:", so both are copied in the question's order
-            work, ans = count_up_working(x, y) if small_first else column_working(x, "-", y)
-            work = which_is_more(x, y) + " " + work
+            a, op2, b = int(x), "-", c
+        work, ans = column_working(a, op2, b)
+        return f"? = {a} {op2} {b}. " + work, ans
+    t = lhs.split()
+    if len(t) == 3:
+        a, op, b = int(t[0]), t[1], int(t[2])
+        if op == "x":
+            return times_working(a, b)
+        if op == "/":
+            return divide_working(a, b)
+        return column_working(a, op, b)
+    works, s, head = [], int(t[0]), t[0]   # a chain: step k is headed by the chain up to it
+    for op, x in zip(t[1::2], map(int, t[2::2])):
+        head_before = head
+        head += f" {op} {x}"
+        w, s = times_working(s, x) if op == "x" else column_working(s, op, x)
+        works.append(f"{head}: {w}" if works or head_before != t[0] else w)
+    return " ".join(works), s
+
+
+def make_problem(rng, family, steps=None, held=False):
+    """One problem: its question, working and answer, the schema of its story, the operand pairs it
+    adds or subtracts and the multiplication facts it uses (the held-out splits are decided on these)."""
+    w = Teller(rng, held)
+    obj = rng.choice(OBJECTS)
+    tense = rng.randint(0, 1)   # 0 present, 1 past
+    have = lambda: w.pick(HAVE)[tense]
+    gain = lambda: w.pick(GAIN)[tense]
+    lose = lambda: w.pick(LOSE)[tense]
+    lost, got = lambda: w.pick(LOSE)[1], lambda: w.pick(GAIN)[1]
+    schema = rng.choice(SCHEMAS[family])
+    pairs, facts, fold = [], [], False   # fold: the last sentence may become "If ..., how many ...?"
+    if family in ("add", "take"):
+        a, b = number_pair(rng, family)
+    if schema == "join":
+        b = rng.randint(1, 99) if a > 99 else b
+        story = [f"[n] {have()} {a} {obj}.",
+                 w.pick([f"[n] {gain()} {b} more.",
+                         f"[m] {'gives' if tense == 0 else 'gave'} [n1] {b} more {obj}.",
+                         f"Then [n] {gain()} {b} more {obj}.",
+                         f"[n] {gain()} another {b}.",
+                         f"{b} more {obj} {'are' if tense == 0 else 'were'} added.",
+                         f"[n2] {rng.choice(RELATIVES)} {'gives' if tense == 0 else 'gave'} [n1] {b} more.",
+                         f"[n] {gain()} {b} more {obj} and [m] {gain()} none."])]
+        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have in all?",
+                    f"How many {obj} does [n] end with?", f"How many {obj} are there now?",
+                    f"How many {obj} does [n] have altogether?", f"What is the total number of {obj} now?"])
+        if rng.random() < 0.3:   # a place, not a person, holds them; the start may be told after the change
+            place = rng.choice(PLACES)
+            story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.",
+                     w.pick([f"[n] puts {b} more {obj} in the {place}.", f"[n] {gain()} {b} more and puts them in.",
+                             f"[n] adds {b} {obj} to the {place}.", f"{b} more {obj} are put in the {place}."])]
+            q = w.pick([f"How many {obj} are in the {place} now?", f"How many {obj} are in the {place} in all?",
+                        f"How many {obj} does the {place} hold now?", f"How many {obj} are there in the {place} now?"])
+            if rng.random() < 0.4:
+                story = [story[1], f"There were {a} {obj} in the {place} " + w.pick(
+                    ["at first.", "before.", "to begin with.", "already."])]
+        reading, fold = f"{a} + {b} = ?", True
         pairs.append((a, b))
-    elif family == "groups":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        q = rng.choice([
-            f"{n} has {a} bags with {b} {obj} in each bag. How many {obj} does {n} have?",
-            f"There are {a} boxes. Each box holds {b} {obj}. How many {obj} are there in all?",
-            f"{n} makes {a} piles of {b} {obj}. How many {obj} is that?",
-            f"What is {a} x {b}?"])
-        work, ans = times_working(a, b)
+    elif schema == "separate-start":
+        c = a - b   # had ?, lost b, c left: ? = c + b
+        story = [f"[n] had some {obj}.", f"[n] {lost()} {b} of them.",
+                 w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
+                         f"[n] still has {c}.", f"There are {c} {obj} left now."])]
+        q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
+                    f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
+        reading = f"? - {b} = {c}"
+        pairs.append((c, b))
+    elif schema == "combine":
+        b = rng.randint(1, 99) if a > 99 else b
+        c1, c2 = rng.sample(COLOURS, 2)
+        story = [w.pick([f"[n] {have()} {a} {obj} and [m] {have()} {b} {obj}.",
+                         f"[n] {gain()} {a} {obj}. [m] {gain()} {b} {obj}.",
+                         f"There are {a} {c1} {obj} and {b} {c2} {obj} in the {rng.choice(PLACES)}.",
+                         f"[n] {gain()} {a} {obj} and [m] {gain()} {b}.",
+                         f"A {rng.choice(PLACES)} holds {a} {c1} {obj} and {b} {c2} {obj}."])]
+        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                    f"How many {obj} in total?", f"How many {obj} are there together?",
+                    f"What is the total number of {obj}?", f"How many {obj} do they have together?",
+                    f"How many {obj} do they have in all?", f"How many {obj} did they get in total?"])
+        reading = f"{a} + {b} = ?"
+        pairs.append((a, b))
+    elif schema == "compare-more":
+        b = rng.randint(1, 99) if a > 99 else b
+        story = [f"[n] {have()} {a} {obj}.",
+                 w.pick([f"[m] has {b} more {obj} than [n!].",
+                         f"[m] has {b} more than [n!].",
+                         f"[m] has {b} {obj} more than [n!] does.",
+                         f"[m] {have()} {b} more {obj} than [n!] {have()}."])]
+        q = f"How many {obj} does [m!] have?"
+        reading = f"{a} + {b} = ?"
+        pairs.append((a, b))
+    elif schema == "separate":
+        story = [f"[n] {have()} {a} {obj}.",
+                 w.pick([f"[n] {lose()} {b}.", f"[n] {lose()} {b} of them.",
+                         f"Then [n] {lose()} {b} {obj}.",
+                         f"[n] {'gives' if tense == 0 else 'gave'} {b} {obj} to [m].",
+                         f"[m] {'takes' if tense == 0 else 'took'} {b} of them away.",
+                         f"[n] {lose()} {b} {obj} at school.", f"[m] bought {b} of [n2] {obj}.",
+                         f"[m] took {b} of [n2] {obj}."])]
+        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
+                    f"How many {obj} does [n] have left?", f"How many {obj} remain?",
+                    f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
+        if rng.random() < 0.3:   # from a place, and the start may be told after the change
+            place = rng.choice(PLACES)
+            story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.",
+                     w.pick([f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
+                             f"[n] {lost()} {b} of them.", f"{b} {obj} were taken from the {place}."])]
+            q = w.pick([f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
+                        f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"])
+            if rng.random() < 0.4:
+                story = [story[1], f"There were {a} {obj} in the {place} " + w.pick(
+                    ["at first.", "before.", "to begin with.", "originally."])]
+        reading, fold = f"{a} - {b} = ?", True
+        pairs.append((a, b))
+    elif schema == "join-change":
+        c, a = a, a - b   # had a, got ?, now c: ? = c - a
+        story = [f"[n] had {a} {obj}.",
+                 w.pick([f"[n] got some more.", f"[m] gave [n1] some more.",
+                         f"[n] found some more {obj}.",
+                         f"[n2] {rng.choice(RELATIVES)} gave [n1] some more."]),
+                 w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                         f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+        q = w.pick([f"How many {obj} did [n] get?", f"How many more {obj} did [n] get?",
+                    f"How many {obj} were added?", f"How many {obj} did [n] receive?"])
+        if rng.random() < 0.3:   # or the wish: "how many more does she need to have c?"
+            story = [f"[n] has {a} {obj}."]
+            q = w.pick([f"How many more {obj} does [n] need to have {c}?",
+                        f"How many more {obj} does [n] need to get to {c}?",
+                        f"How many more {obj} must [n] find to have {c} {obj}?",
+                        f"How many more {obj} does [n] have to collect to have {c}?"])
+        reading = f"{a} + ? = {c}"
+        pairs.append((c, a))
+    elif schema == "join-start":
+        c = a   # had ?, got b, now c: ? = c - b
+        story = [f"[n] had some {obj}.", f"[n] {got()} {b} more.",
+                 w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                         f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+        q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
+                    f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
+        reading = f"? + {b} = {c}"
+        pairs.append((c, b))
+    elif schema == "separate-change":
+        c = a - b   # had a, lost ?, c left: ? = a - c
+        story = [f"[n] had {a} {obj}.",
+                 w.pick([f"[n] gave some to [m].", f"[n] lost some of them.",
+                         f"[n] sold some {obj}.", f"Some of them were eaten."]),
+                 w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
+                         f"[n] has {c} left.", f"Now there are {c} {obj}."])]
+        q = w.pick([f"How many {obj} are gone?", f"How many {obj} did [n] lose?",
+                    f"How many {obj} were taken?", f"How many {obj} did [n] give away?"])
+        reading = f"{a} - ? = {c}"
+        pairs.append((a, c))
+    elif schema == "combine-part":
+        c, a = a, b   # c in all, a of one kind: ? = c - a
+        c1, c2 = rng.sample(COLOURS, 2)
+        story = w.pick([[f"[n] and [m] have {c} {obj} in all.", f"[n!] has {a}."],
+                        [f"There are {c} {obj}.", f"{a} of them are {c1}.", f"The rest are {c2}."],
+                        [f"There are {c} {obj} in the {rng.choice(PLACES)}.", f"{a} are {c1} and the rest are {c2}."],
+                        [f"[n] has {c} {obj}.", f"{a} of them are {c1}."]])
+        q = (f"How many does [m!] have?" if "in all" in story[0] else
+             w.pick([f"How many {obj} are {c2}?", f"How many are {c2}?", f"How many {c2} {obj} are there?",
+                     f"How many {obj} are not {c1}?"]))
+        reading = f"{a} + ? = {c}"
+        pairs.append((c, a))
+    elif schema == "compare-fewer":
+        story = [f"[n] {have()} {a} {obj}.",
+                 w.pick([f"[m] has {b} fewer {obj} than [n!].",
+                         f"[m] has {b} fewer than [n!].",
+                         f"[m] has {b} less than [n!] does.",
+                         f"[m] {have()} {b} fewer {obj} than [n!] {have()}."])]
+        q = f"How many {obj} does [m!] have?"
+        reading = f"{a} - {b} = ?"
+        pairs.append((a, b))
+    elif schema == "compare-difference":
+        a, b = number_pair(rng, family)
+        x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
+        big, small = ("n", "m") if x > y else ("m", "n")
+        story = [w.pick([f"[n] {have()} {x} {obj}. [m] {have()} {y} {obj}.",
+                         f"[n] {have()} {x} {obj} and [m] {have()} {y}.",
+                         f"[n] read {x} pages. [m] read {y} pages.",
+                         f"[n] {gain()} {x} {obj}. [m] {gain()} {y}."])]
+        q = w.pick([f"How many more {obj} does [{big}!] have than [{small}!]?",
+                    f"How many fewer {obj} does [{small}!] have than [{big}!]?",
+                    f"How many more does [{big}!] have?", f"What is the difference between them?"])
+        if "pages" in story[0]:
+            q = f"How many more pages did [{big}!] read?"
+        if rng.random() < 0.25:   # a measure, not a count
+            verb, unit, more, less = rng.choice([("weighs", "pounds", "heavier", "lighter"),
+                                                 ("is", "inches tall", "taller", "shorter"),
+                                                 ("runs", "miles", "farther", "less far"),
+                                                 ("is", "years old", "older", "younger")])
+            story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
+            q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
+                            f"How much {less} is [{small}!] than [{big}!]?"])
+            if verb == "runs":
+                q = f"How much farther does [{big}!] run than [{small}!]?"
+        reading = f"{x} - {y} = ?" if x > y else f"{x} + ? = {y}"
+        pairs.append((a, b))
+    elif schema in ("groups", "price"):
+        a, b = rng.randint(2, 9), rng.randint(2, 9)   # a groups of b
+        place = rng.choice(PLACES)
+        places = PLURAL.get(place, place + "s")
+        story = [w.pick([f"[n] {have()} {a} {places} with {b} {obj} in each.",
+                         f"There are {a} {places}. Each {place} holds {b} {obj}.",
+                         f"[n] makes {a} piles of {b} {obj}.",
+                         f"Each {place} has {b} {obj}. There are {a} {places}.",
+                         f"[n] {gain()} {b} {obj} every day for {a} days.",
+                         f"Each child has {b} {obj}. There are {a} children."])]
+        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                    f"How many {obj} in total?", f"How many {obj} is that?"])
+        if schema == "price":
+            item = rng.choice(OBJECTS)
+            story = [w.pick([f"Each of the {item} costs ${b}.", f"{item.capitalize()} cost ${b} each.",
+                             f"One of the {item} costs {b} dollars.", f"The {item} are ${b} each."]),
+                     f"[n] {'buys' if tense == 0 else 'bought'} {a} of them."]
+            q = w.pick([f"How much money does [n] spend?", f"How much does [n] pay?",
+                        f"How many dollars did [n] spend?", f"How much do {a} {item} cost?"])
+        if rng.random() < 0.25:
+            story = [w.pick([f"There are {b} {obj} in each {place}.", f"Each {place} has {b} {obj}.",
+                             f"One {place} holds {b} {obj}.", f"[n] puts {b} {obj} in every {place}."])]
+            q = w.pick([f"How many {obj} are in {a} {places}?", f"How many {obj} are there in {a} {places}?",
+                        f"How many {obj} do {a} {places} hold?", f"How many {obj} will {a} {places} have?"])
+        if "[n]" not in " ".join(story) and "[n]" in q:
+            q = f"How many {obj} are there in all?"
+        if rng.random() < 0.15:
+            story, q, schema = [], f"What is {a} x {b}?", "bare"
+        reading = f"{a} x {b} = ?"
         facts.append((a, b))
-    elif family == "share":
+    elif schema in ("share", "bags"):
         k, d = rng.randint(2, 9), rng.randint(2, 9)
         t = k * d
-        q = rng.choice([
-            f"{n} shares {t} {obj} equally among {d} friends. How many {obj} does each friend get?",
-            f"{t} {obj} are put into {d} equal groups. How many {obj} are in each group?",
-            f"{n} packs {t} {obj} into bags of {d}. How many bags does {n} fill?"])
-        work, ans = divide_working(t, d)
+        place = rng.choice(PLACES)
+        places = PLURAL.get(place, place + "s")
+        if schema == "share":   # t shared among d: each gets ?
+            story = [w.pick([f"[n] shares {t} {obj} equally among {d} friends.",
+                             f"{t} {obj} are put into {d} equal groups.",
+                             f"[n] has {t} {obj} in {d} {places}, the same number in each.",
+                             f"[n] splits {t} {obj} evenly between {d} {places}.",
+                             f"{t} {obj} are shared by {d} children equally."])]
+            q = w.pick([f"How many {obj} does each get?", f"How many {obj} are in each?",
+                        f"How many {obj} go in each {place}?", f"How many {obj} is that for each?"])
+        else:   # t in bags of d: ? bags
+            story = [w.pick([f"[n] packs {t} {obj} into {places} of {d}.",
+                             f"There are {t} {obj}. Each {place} holds {d}.",
+                             f"[n] puts {d} {obj} in each {place} and has {t} {obj}.",
+                             f"{t} {obj} are put in {places}, {d} in each.",
+                             f"Each {place} holds {d} {obj}. There are {t} {obj}."])]
+            q = w.pick([f"How many {places} does [n] fill?", f"How many {places} are needed?",
+                        f"How many {places} are there?", f"How many {places} can be filled?"])
+        if "[n]" not in " ".join(story) and "[n]" in q:
+            q = f"How many {places} are needed?"
+        if rng.random() < 0.15:
+            story, q, schema = [], f"What is {t} / {d}?", "bare"
+        reading = f"{t} / {d} = ?"
         facts.append((k, d))
-    elif family == "sum":
+    elif schema == "sum":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
-        q = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
-        work, ans = column_working(a, "+", b)
+        story, q = [], rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
+        reading = f"{a} + {b} = ?"
         pairs.append((a, b))
-    elif family == "multistep":
-        steps = steps or rng.randint(2, 3)
-        a = rng.randint(5, 60)
-        q, works, s, chain = f"{n} has {a} {obj}.", [], a, str(a)
-        for _ in range(steps):
+    elif schema == "changes" or steps:   # a chain of gains and losses
+        schema, steps = "changes", steps or rng.randint(2, 3)
+        s = rng.randint(5, 60)
+        story, chain, joined = [f"[n] {have()} {s} {obj}."], str(s), False
+        for i in range(steps):
             if s > 8 and (s > 150 or rng.random() < 0.5):
                 x = rng.randint(1, min(s - 1, 60))
-                q += " " + rng.choice([f"{n} gives away {x}.", f"{n} loses {x}.", f"{n} uses {x}."])
-                w, r = column_working(s, "-", x)
-                chain += f" - {x}"
+                said = f"{lose()} {x}" + rng.choice(["", " of them", f" {obj}"])
+                pairs.append((s, x)); chain += f" - {x}"; s -= x
             else:
                 x = rng.randint(2, 60)
-                q += " " + rng.choice([f"{n} gets {x} more.", f"{n} finds {x} more.", f"{n} buys {x} more."])
-                w, r = column_working(s, "+", x)
-                chain += f" + {x}"
-            works.append(f"{chain}: {w}" if works else w)   # step k: the chain up to it, then the step
-            pairs.append((s, x))
-            s = r
-        q += f" How many {obj} does {n} have now?"
-        work, ans = chain + ". " + " ".join(works), s   # the whole chain first: numbers are copied in order
+                said = f"{gain()} {x} more" + rng.choice(["", f" {obj}"])
+                pairs.append((s, x)); chain += f" + {x}"; s += x
+            if i and not joined and rng.random() < 0.4:   # two changes in one sentence
+                story[-1] = story[-1][:-1] + rng.choice([" and ", " and then ", " but ", ", then "]) + said + "."
+                joined = True
+            else:
+                then = "Then " if i and rng.random() < 0.5 else ""
+                story.append(f"{then}[n] {said}.")
+                joined = False
+        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have left?",
+                    f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in the end?"])
+        reading, fold = chain + " = ?", True
+    elif schema == "combine3":
+        a, b, c = (rng.randint(2, 60) for _ in range(3))
+        story = [w.pick([f"[n] {gain()} {a} {obj}, [m] {gain()} {b} and [o] {gain()} {c}.",
+                         f"[n] has {a} {obj}. [m] has {b}. [o] has {c}.",
+                         f"There are {a} red, {b} blue and {c} green {obj}.",
+                         f"[n] {gain()} {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday."])]
+        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} altogether?", f"How many {obj} in total?",
+                    f"What is the total number of {obj}?"])
+        reading = f"{a} + {b} + {c} = ?"
+        pairs += [(a, b), (a + b, c)]
+    elif schema == "groups-change":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        place = rng.choice(PLACES)
+        places = PLURAL.get(place, place + "s")
+        story = [f"[n] {have()} {a} {places} with {b} {obj} in each."]
+        if rng.random() < 0.5:
+            c = rng.randint(1, a * b - 1)
+            story.append(f"[n] {lose()} {c} {obj}.")
+            reading = f"{a} x {b} - {c} = ?"
+        else:
+            c = rng.randint(2, 60)
+            story.append(f"[n] {gain()} {c} more {obj}.")
+            reading = f"{a} x {b} + {c} = ?"
+        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are there now?",
+                    f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in all?"])
+        facts.append((a, b)); pairs.append((a * b, c))
     else:
         raise ValueError(family)
-    steps = steps or 1
-    if family != "multistep" or steps < 4:
-        if len(q) + len(work) + len(str(ans)) + 16 > MAX_PROBLEM_CHARS:
-            return make_problem(rng, family, steps)   # too long for the context: draw again
-    return dict(question=q, working=work, answer=ans, family=family, steps=steps, pairs=pairs, facts=facts)
+    if obj == "dollars" and rng.random() < 0.5:
+        q = q.replace("How many dollars", "How much money")
+    if fold and rng.random() < 0.3:   # "If she gives away 5, how many apples does she have left?"
+        last = story.pop()
+        q = "If " + lower_first(last[:-1]) + ", " + lower_first(q)
+    if story and rng.random() < 0.3:   # a fact the question does not need, as real problems have
+        other = rng.choice([o for o in OBJECTS if o != obj])
+        extra = w.pick([f"[n] also has {rng.randint(2, 30)} {other}.",
+                        f"[m!] has {rng.randint(2, 30)} {other}.",
+                        f"There are {rng.randint(2, 30)} {other} too.",
+                        f"[n!] is {rng.randint(6, 12)} years old."])
+        story.insert(rng.randint(1, len(story)), extra)
+    q = w.render(" ".join(story + [q]), w.people())
+    work, ans = solve(reading)
+    if family == "compare":   # which is more, digit by digit, before the reading that depends on it
+        x, y = map(int, re.findall(r"\d+", reading))
+        work = which_is_more(x, y) + " " + f"{reading}. " + work
+    else:
+        work = f"{reading}. " + work
+    steps = steps or len(reading.split(" = ")[0].split()) // 2   # operations in the reading
+    if len(q) + len(work) + len(str(ans)) + 16 > MAX_PROBLEM_CHARS and (family != "multistep" or steps < 4):
+        return make_problem(rng, family, steps if family == "multistep" else None, held)   # too long: draw again
+    return dict(question=q, working=work, answer=ans, family=family, schema=schema, steps=steps,
+                pairs=pairs, facts=facts, held=held)
+
+
+
+def lower_first(s):
+    """"Then she gives away 5" -> "she gives away 5": the sentence goes on after "If "."""
+    s = s.removeprefix("Then ")
+    first = s.split(" ", 1)[0]
+    return s[0].lower() + s[1:] if first in ("She", "He", "There", "Each", "The", "Now", "How", "What", "Some", "A") else s
 
 
 def problem_text(p, direct=False):
@@ -418,8 +745,12 @@ def problem_text(p, direct=False):
 
 
 def is_training_allowed(p):
-    return (not any(is_held_out_combo(a, b) for a, b in p["pairs"])
+    return (not p["held"] and not any(is_held_out_combo(a, b) for a, b in p["pairs"])
             and not any(is_held_out_fact(a, b) for a, b in p["facts"]))
+
+
+def is_training_allowed_but_wording(p):
+    return is_training_allowed(dict(p, held=False)) and p["schema"] != "bare"
 
 
 SPLITS = {   # split: (its families, the rule a problem must meet to belong to it)
@@ -427,6 +758,7 @@ SPLITS = {   # split: (its families, the rule a problem must meet to belong to i
     "combos": (["add", "take", "compare", "sum"], lambda p: any(is_held_out_combo(*q) for q in p["pairs"])),
     "facts": (["groups", "share"], lambda p: any(is_held_out_fact(*f) for f in p["facts"])),
     "steps4": (["multistep"], lambda p: True),
+    "wordings": (["add", "take", "compare", "groups", "share", "multistep"], is_training_allowed_but_wording),
 }
 
 
@@ -435,7 +767,8 @@ def make_split(split, n, seed):
     families, belongs = SPLITS[split]
     rng, out = random.Random(f"{split}-{seed}"), []
     while len(out) < n:
-        p = make_problem(rng, families[len(out) % len(families)], steps=4 if split == "steps4" else None)
+        p = make_problem(rng, families[len(out) % len(families)], steps=4 if split == "steps4" else None,
+                         held=split == "wordings")
         if belongs(p):
             out.append(dict(p, split=split))
     return out
@@ -455,22 +788,46 @@ def make_training_problems(n, seed, exclude_questions):
 EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
 LAST_VALUE = re.compile(r"= (\d+)\.")   # the value a working ends at: "so 47 + 35 = 82.", "so ? = 24."
 COMPARISON = re.compile(r"(\d+) vs (\d+): [^.]*\.")   # "54 vs 52: 5 = 5, 4 > 2.", checked by which_is_more
+READING = re.compile(r"(?<![\d?])(?<![\d?] )([\d?]+(?: [-+x/] [\d?]+)+ = [\d?]+)\.")   # "18 + ? = 44.": the story read
 
 
-def check_equation(lhs, rhs):
-    """Is 'a op b op c' = rhs, read left to right? (The working only writes such chains.)"""
-    tokens = lhs.split()
+def reading_value(text):
+    """The value of ? in the first reading of a working ("18 + ? = 44." gives 26), or None."""
+    m = next((m for m in READING.finditer(text) if m[1].count("?") == 1), None)
+    if m is None:
+        return None
+    lhs, rhs = m[1].split(" = ")
+    t = lhs.split()
+    if rhs == "?":   # a chain, read left to right
+        return value_of(t) if "?" not in t else None
+    if len(t) != 3 or not rhs.isdigit():
+        return None
+    x, op, y = t
+    c = int(rhs)
+    inverse = {"+": lambda v: c - v, "x": lambda v: c // v if v and c % v == 0 else None}
+    if op in inverse:
+        return inverse[op](int(y if x == "?" else x))
+    if op == "-":
+        return c + int(y) if x == "?" else int(x) - c
+    return int(x) // c if y == "?" and c and int(x) % c == 0 else (c * int(y) if x == "?" else None)
+
+
+def value_of(tokens):
+    """'a op b op c', read left to right (the working only writes such chains); None if / is not exact."""
     value = int(tokens[0])
-    for op, num in zip(tokens[1::2], tokens[2::2]):
-        num = int(num)
+    for op, num in zip(tokens[1::2], map(int, tokens[2::2])):
         if op == "+": value += num
         elif op == "-": value -= num
         elif op == "x": value *= num
-        elif op == "/":
-            if num == 0 or value % num:
-                return False
-            value //= num
-    return value == int(rhs)
+        elif num == 0 or value % num:
+            return None
+        else: value //= num
+    return value
+
+
+def check_equation(lhs, rhs):
+    """Is 'a op b op c' = rhs, read left to right?"""
+    return value_of(lhs.split()) == int(rhs)
 
 
 def validate_corpus(problems, held_out_questions):
@@ -483,6 +840,8 @@ def validate_corpus(problems, held_out_questions):
         eqs = EQUATION.findall(p["working"])
         if not eqs or not all(check_equation(l, r) for l, r in eqs):
             raise AssertionError(f"false equation in working: {text!r}")
+        if reading_value(p["working"]) != p["answer"]:
+            raise AssertionError(f"the reading of the story does not give the answer: {text!r}")
         if int(LAST_VALUE.findall(p["working"])[-1]) != p["answer"]:
             raise AssertionError(f"the working does not end at the answer: {text!r}")
         if p["question"] in held_out_questions:
@@ -1227,6 +1586,19 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
 # -----------------------------------------------------------------------------------------------
 
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+# what word processors and web pages put where a keyboard types ' " - and a space
+TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2032": "'", "\u201c": '"',
+                             "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u2010": "-", "\u2011": "-",
+                             "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-", "\u00a0": " ",
+                             "\u2009": " ", "\u202f": " ", "\u2007": " ", "\u2026": "...", "\u00d7": "x",
+                             "\u00f7": "/", "\u200b": None, "\ufeff": None})
+
+
+def typed(text):
+    """A question as a keyboard would type it: curly quotes, dashes, odd spaces made plain ASCII, and
+    no space before a full stop, comma or question mark, or inside "Fred 's" (as some worksheets have)."""
+    text = re.sub(r" +([.,?!;:]|'s\b)", r"\1", text.translate(TYPOGRAPHIC))
+    return re.sub(r"  +", " ", text)
 
 
 def score_reply(reply, answer):
@@ -1237,6 +1609,7 @@ def score_reply(reply, answer):
     eqs, last = EQUATION.findall(work), LAST_VALUE.findall(work)
     comparisons_ok = all(c.group(0) == which_is_more(int(c[1]), int(c[2])) for c in COMPARISON.finditer(work))
     return {"got": got, "correct": got == answer, "format_ok": m is not None,
+            "read_ok": reading_value(work) == answer,
             "equations_ok": bool(eqs) and all(check_equation(l, r) for l, r in eqs) and comparisons_ok,
             "answer_is_last": bool(last) and got is not None and int(last[-1]) == got}
 
@@ -1259,9 +1632,20 @@ def wilson(k, n, z=1.96):
 
 
 def ask(model, tokenizer, questions, batch_size=200, temperature=0.0, gen=None, dtype="fp32"):
-    """Replies to questions, generated in batches (similar lengths together) with the KV cache."""
-    prompts = encode_many(tokenizer, [f"Q: {q}\nA:" for q in questions])
-    order, replies = sorted(range(len(prompts)), key=lambda i: len(prompts[i])), [None] * len(prompts)
+    """Replies to questions, generated in batches (similar lengths together) with the KV cache. A
+    question the tokenizer cannot encode gets the reason instead of a reply, and the others go on."""
+    try:
+        prompts = encode_many(tokenizer, [f"Q: {typed(q)}\nA:" for q in questions])
+    except UserError:   # one of them: find which, and keep the rest
+        prompts = []
+        for q in questions:
+            try:
+                prompts.append(tokenizer.encode(f"Q: {typed(q)}\nA:"))
+            except UserError as e:
+                prompts.append(str(e))
+    asked = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    replies = [None if i in asked else f"(not asked: {p})" for i, p in enumerate(prompts)]
+    order = sorted(asked, key=lambda i: len(prompts[i]))
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
         outs = generate(model, [prompts[j] for j in chunk], min(256, model.cfg.block_size), tokenizer.end_id,
@@ -1320,6 +1704,7 @@ def evaluate(model, tokenizer, problems, votes=1, temperature=0.8, seed=0, dtype
             scored.append(cands[pick])
     for s, r, p in zip(scored, replies, problems):
         s.update(reply=r, question=p["question"], answer=p["answer"], family=p.get("family", "?"),
+                 schema=p.get("schema", "?"),
                  steps=p.get("steps", 1), split=p.get("split", "?"))
     return summarize(scored)
 
@@ -1339,7 +1724,9 @@ def summarize(scored):
     return {**acc(scored), "format_broken": sum(not r["format_ok"] for r in scored) / max(1, n),
             "reasoning_ok": sum(r["equations_ok"] for r in scored) / max(1, n),
             "answer_is_last_value": sum(r["answer_is_last"] for r in scored) / max(1, n),
-            "per_family": by("family"), "per_steps": by("steps"), "per_split": by("split"),
+            "read_ok": sum(r["read_ok"] for r in scored) / max(1, n),
+            "per_family": by("family"), "per_schema": by("schema"), "per_steps": by("steps"),
+            "per_split": by("split"),
             "baselines": base, "failures": [{k: r[k] for k in ("question", "reply", "answer")}
                                             for r in scored if not r["correct"]][:5]}
 
@@ -1801,7 +2188,7 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
         if line.startswith("/") or not line:
             continue
         try:
-            ids = tokenizer.encode(f"Q: {line}\nA:")
+            ids = tokenizer.encode(f"Q: {typed(line)}\nA:")
         except UserError as e:
             print(f"error: {e}")
             continue
@@ -2020,7 +2407,11 @@ def cmd_generate(a):
     prompt = a.prompt.replace("\\n", "\n")
     if not prompt.strip():
         raise UserError("the prompt is empty: give some text with --prompt")
-    ids = tokenizer.encode(prompt)
+    try:
+        ids = tokenizer.encode(prompt)
+    except UserError:   # curly quotes or dashes the vocabulary lacks: try them as a keyboard types them
+        prompt = typed(prompt)
+        ids = tokenizer.encode(prompt)
     if len(ids) >= model.cfg.block_size:
         print(f"(the prompt has {len(ids)} tokens, more than the model's context of {model.cfg.block_size}: "
               "only its end is used)", file=sys.stderr)
@@ -2041,10 +2432,6 @@ def cmd_generate(a):
         stream.finish()
         print("\n" + prompt + tokenizer.decode(out[0]) if a.show_probs else "")
     return 0
-
-
-TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
-                             "\u2014": "-", "\u2212": "-", "\u00a0": " "})
 
 
 def read_questions(path):
@@ -2071,7 +2458,7 @@ def read_questions(path):
                 if not isinstance(d.get("answer"), int) or isinstance(d.get("answer"), bool) or \
                         abs(d["answer"]) >= 10 ** 18:
                     raise UserError(f'{path} line {n}: needs an integer "answer" (under 10^18)')
-                q = d["question"].translate(TYPOGRAPHIC)   # ’ “ ” – as a keyboard types them
+                q = typed(d["question"])   # ’ “ ” – as a keyboard types them
                 if len(q) > 2000 or re.search(r"\d{19}", q):
                     raise UserError(f"{path} line {n}: the question is over 2,000 characters or holds a number "
                                     "of over 18 digits")
@@ -2089,11 +2476,12 @@ def format_summary(s):
         return f"  {name:<12} {100 * a['accuracy']:6.1f}%  ({a['correct']}/{a['n']}, 95% CI " \
                f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%)"
     lines = [row("overall", s)]
-    for title, key in (("per family", "per_family"), ("per number of steps", "per_steps"),
+    for title, key in (("per family", "per_family"), ("per schema", "per_schema"), ("per number of steps", "per_steps"),
                        ("per split", "per_split")):
         if len(s[key]) > 1 or key == "per_split":
             lines.append(title + ":")
             lines += [row(k, v) for k, v in s[key].items()]
+    lines.append(f"reading: the equation set up first gives the true answer in {100 * s['read_ok']:.1f}% of replies")
     lines.append(f"reasoning: every equation true in {100 * s['reasoning_ok']:.1f}% of replies; answer equals "
                  f"the last computed value in {100 * s['answer_is_last_value']:.1f}%; no 'Answer:' line in "
                  f"{100 * s['format_broken']:.1f}%")

@@ -125,30 +125,19 @@ def test_compare_says_which_is_more_then_subtracts_in_the_question_order():
             assert all(s == "=" for _, s, _ in signs[:-1])          # it stops at the first digits that differ
             last = signs[-1][1]
             assert last == ("<" if x < y else ">" if x > y else "=")
-    assert T.count_up_working(29, 33) == ("29 + ? = 33: 13 - 9 = 4, 3 - 1 - 2 = 0, so ? = 04 = 4.", 4)
-    assert T.count_up_working(14, 38)[0] == "14 + ? = 38: 8 - 4 = 4, 3 - 1 = 2, so ? = 24."   # read as it is
-    assert T.count_up_working(3, 6)[0] == "3 + ? = 6: 6 - 3 = 3, so ? = 3."
-    assert T.read_off(["4", "0"], 4) == "04 = 4" and T.read_off(["4", "2"], 24) == "24"   # both workings use it
-    for a in range(1, 100):
-        for b in range(a + 1, 100):
-            work, r = T.count_up_working(a, b)
-            assert work.startswith(f"{a} + ? = {b}: ")   # the question's order, never reordered
-            eqs = T.EQUATION.findall(work)
-            assert r == b - a and eqs and all(T.check_equation(l, s) for l, s in eqs)
-            # each column: b's digit (10 more when it borrows), then a's digit (0 where a has none)
-            assert [int(l.split()[0]) % 10 for l, _ in eqs] == [int(d) for d in str(b)[::-1]]
-            assert [int(l.split()[-1]) for l, _ in eqs] == [int(d) for d in str(a).zfill(len(str(b)))[::-1]]
-            read = "".join(s for _, s in eqs)[::-1]   # the columns' results, read from the left
-            assert work.endswith(f"so ? = {read} = {b - a}." if read != str(b - a) else f"so ? = {b - a}.")
-            assert int(T.LAST_VALUE.findall(work)[-1]) == b - a
+    # an unknown inside the reading is moved to the left, then computed in the bigger number's order
+    assert T.solve("29 + ? = 33") == ("? = 33 - 29. 33 - 29: 13 - 9 = 4, 3 - 1 - 2 = 0, so 33 - 29 = 04 = 4.", 4)
+    assert T.solve("? - 5 = 21")[1] == 26 and T.solve("40 - ? = 13")[0].startswith("? = 40 - 13. ")
+    assert T.solve("? + 8 = 30")[0].startswith("? = 30 - 8. ")
+    assert T.read_off(["4", "0"], 4) == "04 = 4" and T.read_off(["4", "2"], 24) == "24"
     rng, orders = random.Random(5), {}
     for _ in range(300):
         p = T.make_problem(rng, "compare")
-        first, second = [int(x) for x in re.findall(r"\d+", p["question"])]
-        method = f"{first} + ? = {second}:" if first < second else f"{first} - {second}"
-        assert p["working"].startswith(T.which_is_more(first, second) + " " + method)
+        first, second = [int(x) for x in re.findall(r"\d+", p["question"])][:2]
+        reading = f"{first} + ? = {second}. ? = {second} - {first}." if first < second else f"{first} - {second} = ?."
+        assert p["working"].startswith(T.which_is_more(first, second) + " " + reading)
         assert p["answer"] == abs(first - second)
-        wording = next(w for w in ("fewer", "pages did", "more") if w in p["question"])
+        wording = next((w for w in ("fewer", "pages did", "more") if w in p["question"]), None)
         orders.setdefault(wording, set()).add(first < second)
     assert orders == {w: {True, False} for w in ("fewer", "pages did", "more")}   # the wording never tells
 
@@ -169,8 +158,8 @@ def test_multistep_steps_are_headed_by_the_chain_so_far():
     rng = random.Random(3)
     for _ in range(300):
         p = T.make_problem(rng, "multistep", steps=rng.randint(2, 4))
-        chain, work = p["working"].split(". ", 1)          # "34 + 12 - 22", then the steps
-        parts = chain.split(" ")                            # ["34", "+", "12", "-", "22"]
+        reading, work = p["working"].split(". ", 1)        # "34 + 12 - 22 = ?", then the steps
+        parts = reading.removesuffix(" = ?").split(" ")     # ["34", "+", "12", "-", "22"]
         assert len(parts) == 2 * p["steps"] + 1
         value = int(parts[0])
         for k in range(1, p["steps"] + 1):
@@ -179,9 +168,65 @@ def test_multistep_steps_are_headed_by_the_chain_so_far():
             if k > 1:   # step k repeats the chain up to it, then names the step it takes
                 step = " ".join(parts[:2 * k + 1]) + ": " + step
             assert work.startswith(step), (k, work)
-            value = value + x if op == "+" else value - x
+            value = value + x if op == "+" else value - x if op == "-" else value * x
             work = work[work.index(f"= {value}.") + len(f"= {value}."):].lstrip()
         assert work == "" and value == p["answer"]
+
+
+def test_every_story_is_read_first_and_every_schema_is_drawn():
+    rng, seen = random.Random(11), collections.defaultdict(set)
+    expect = {   # the form of each schema's reading: a, b, c are numbers; ? is the unknown
+        "join": "a + b = ?", "separate-start": "? - a = b", "combine": "a + b = ?", "compare-more": "a + b = ?",
+        "separate": "a - b = ?", "join-change": "a + ? = b", "join-start": "? + a = b",
+        "separate-change": "a - ? = b", "combine-part": "a + ? = b", "compare-fewer": "a - b = ?",
+        "groups": "a x b = ?", "price": "a x b = ?", "share": "a / b = ?", "bags": "a / b = ?", "sum": "a + b = ?",
+        "combine3": "a + b + c = ?", "bare": None, "compare-difference": None, "changes": None, "groups-change": None}
+    for family in T.FAMILIES:
+        for _ in range(400):
+            p = T.make_problem(rng, family)
+            assert p["schema"] in T.SCHEMAS[family] + ["bare"]
+            assert T.reading_value(p["working"]) == p["answer"]       # the reading alone gives the answer
+            reading = T.READING.search(p["working"])[1]
+            assert p["working"].startswith(reading + ". ") or family == "compare"
+            shape = re.sub(r"\d+", "#", reading)
+            seen[p["schema"]].add(shape)
+            if expect[p["schema"]]:
+                assert shape == re.sub(r"[abc]", "#", expect[p["schema"]]), (p["schema"], reading)
+            nums = [int(x) for x in re.findall(r"\d+", reading)]
+            in_question = [int(x) for x in re.findall(r"\d+", p["question"])]
+            assert all(x in in_question for x in nums)               # every number it reads is in the story
+    assert set(seen) == set(expect)
+    assert seen["compare-difference"] == {"# - # = ?", "# + ? = #"}
+    assert seen["groups-change"] == {"# x # + # = ?", "# x # - # = ?"}
+    text = " ".join(T.make_problem(rng, "take")["question"] for _ in range(300))
+    assert re.search(r"\b(She|He|she|he|her|him|his)\b", text) and re.search(r"\bIf \w", text + " ".join(
+        T.make_problem(rng, "multistep")["question"] for _ in range(100)))
+
+
+def shape_trigrams(q):
+    """Word triples of a question with numbers, names and nouns made placeholders."""
+    nouns = {w for o in T.OBJECTS + T.COLOURS + T.PLACES + T.RELATIVES + list(T.PLURAL.values()) for w in o.split()}
+    out = []
+    for w in re.findall(r"[A-Za-z']+|\d+|[.,?$]", q):
+        out.append("#" if w.isdigit() else "O" if w.lower().rstrip("s") in nouns or w.lower() in nouns else
+                   "X" if w[0].isupper() and w not in ("She", "He", "There", "Then", "Each", "How", "What", "Now",
+                                                       "If", "The", "Some", "A") else w.lower())
+    return {tuple(out[i:i + 3]) for i in range(len(out) - 2)}
+
+
+def test_held_out_wordings_never_appear_in_training():
+    train, _ = T.build_corpus(3000, seed=0, n_val=10)
+    held = T.make_split("wordings", 300, seed=0)
+    text = " ".join(p["question"] for p in train)
+    for verbs in (T.GAIN, T.LOSE, T.HAVE):
+        for present, past in verbs[3::4]:   # every fourth verb is held out
+            assert not re.search(rf"\b({present}|{past})\b", text), present
+    assert all(not p["held"] for p in train) and all(p["held"] for p in held)
+    seen = set().union(*map(shape_trigrams, (p["question"] for p in train)))
+    new = [shape_trigrams(p["question"]) - seen for p in held]
+    assert all(new), [p["question"] for p, n in zip(held, new) if not n][:3]   # each says something new
+    assert {p["family"] for p in held} == set(T.SPLITS["wordings"][0])
+    assert not {p["question"] for p in held} & {p["question"] for p in train}
 
 
 def test_corpus_is_valid_seeded_and_held_out():
@@ -192,7 +237,7 @@ def test_corpus_is_valid_seeded_and_held_out():
     text = "\n".join("".join(T.problem_text(p)) for p in train)
     counts = collections.Counter(p["family"] for p in train)                    # the mix's shares
     assert counts == {f: 3000 * T.TRAINING_MIX.count(f) // len(T.TRAINING_MIX) for f in T.FAMILIES}
-    assert re.search(r"(Prof|Sgt|Lt|Gen)\. [A-Z]", text)                         # titles with a full stop
+    assert re.search(r"(Mr|Mrs|Ms|Dr|Prof|Sgt)\. [A-Z]", text)                   # titles with a full stop
     held = {s: T.make_split(s, 300, seed=0) for s in T.SPLITS}
     train_q = {p["question"] for p in train}
     for split, problems in held.items():
@@ -442,10 +487,30 @@ def test_score_reply_on_hand_written_replies():
     assert T.score_reply(" 2 x 3: 3 (1), 3 + 3 = 6 (2), so 2 x 3 = 6.\nAnswer: 6", 6)["equations_ok"]
     assert not T.check_equation("7 / 2", "3")
     counted = " 35 vs 98: 3 < 9. 35 + ? = 98: 5 + 3 = 8, 3 + 6 = 9, so ? = 63.\nAnswer: 63"
-    assert T.score_reply(counted, 63) == dict(got=63, correct=True, format_ok=True, equations_ok=True,
-                                              answer_is_last=True)
+    assert T.score_reply(counted, 63) == dict(got=63, correct=True, format_ok=True, read_ok=True,
+                                              equations_ok=True, answer_is_last=True)
+    # the reading: the equation set up first, solved exactly, against the true answer
+    misread = T.score_reply(" 12 + 5 = ?. 12 + 5: 2 + 5 = 7, 1 + 0 = 1, so 12 + 5 = 17.\nAnswer: 17", 7)
+    assert not misread["read_ok"] and misread["equations_ok"] and not misread["correct"]
+    slip = T.score_reply(" 5 + ? = 12. ? = 12 - 5. 12 - 5 = 8.\nAnswer: 8", 7)
+    assert slip["read_ok"] and not slip["equations_ok"]           # read right, computed wrong
+    assert T.reading_value("? - 18 = 25. ? = 25 + 18.") == 43 and T.reading_value("6 x ? = 42.") == 7
+    assert T.reading_value("3 x 4 + 5 = ?.") == 17 and T.reading_value("no reading here") is None
     false_sign = T.score_reply(" 49 vs 48: 4 < 4. 48 + ? = 49: 8 + 1 = 9, 4 + 0 = 4, so ? = 1.\nAnswer: 1", 1)
     assert false_sign["correct"] and not false_sign["equations_ok"]   # a false comparison is a false step
+
+
+def test_questions_are_typed_plainly_and_one_that_cannot_be_encoded_is_a_failure():
+    assert T.typed("Ann\u2019s 3 pens \u2013 \u201cnew\u201d . Fred 's ?") == 'Ann\'s 3 pens - "new". Fred\'s?'
+    tok = T.CharTokenizer(__import__("string").printable)
+    model = T.GPT(T.Config(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=1, n_embd=8))
+    qs = [{"question": "Ann\u2019s 2 + 2?", "answer": 4}, {"question": "Zo\u00eb has 3.", "answer": 3},
+          {"question": "What is 1 + 1?", "answer": 2}]
+    replies = T.ask(model, tok, [q["question"] for q in qs])
+    assert replies[1].startswith("(not asked: ") and "'\u00eb'" in replies[1]   # the reason, named
+    assert not replies[0].startswith("(not asked") and not replies[2].startswith("(not asked")
+    s = T.evaluate(model, tok, qs)
+    assert s["n"] == 3 and any(f["reply"].startswith("(not asked") for f in s["failures"])
 
 
 def test_wilson_interval():
