@@ -578,10 +578,10 @@ def make_problem(rng, family, steps=None, held=False):
         if "pages" in story[0]:
             q = f"How many more pages did [{big}!] read?"
         if rng.random() < 0.25:   # a measure, not a count
-            verb, unit, more, less = rng.choice([("weighs", "pounds", "heavier", "lighter"),
-                                                 ("is", "inches tall", "taller", "shorter"),
-                                                 ("runs", "miles", "farther", "less far"),
-                                                 ("is", "years old", "older", "younger")])
+            verb, unit, more, less = w.pick([("weighs", "pounds", "heavier", "lighter"),
+                                             ("is", "inches tall", "taller", "shorter"),
+                                             ("runs", "miles", "farther", "less far"),
+                                             ("is", "years old", "older", "younger")])
             story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
             q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
                             f"How much {less} is [{small}!] than [{big}!]?"])
