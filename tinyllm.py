@@ -297,6 +297,8 @@ def column_working(a, op, b):
 
 def which_is_more(x, y):
     """Which of x, y is more, read digit by digit from the left until two differ: "54 vs 52: 5 = 5, 4 > 2."."""
+    # Every wording comes with either number first, so the sign must be read from the digits: when
+    # some wordings always gave the bigger number first, models wrote "54 vs 52: 5 < 5." to fit them.
     width = max(len(str(x)), len(str(y)))   # the shorter number gets 0s in front: "7 vs 13: 0 < 1."
     parts = []
     for dx, dy in zip(str(x).zfill(width), str(y).zfill(width)):
@@ -371,7 +373,7 @@ class Teller:
         return "".join(out) + text[pos:]
 
 
-def number_pair(rng, family):
+def number_pair(rng):
     """Two numbers for one addition or subtraction: mostly up to 99, sometimes up to 999."""
     top = 999 if rng.random() < 0.2 else 99
     a = rng.randint(5, top)
@@ -401,7 +403,10 @@ def solve(reading, chain=None):
         if op == "/":
             return divide_working(a, b)
         return column_working(a, op, b)
-    works, s, head = [], int(t[0]), t[0]   # a chain: step k is headed by the chain up to it
+    # a chain: step k is headed by the chain up to it ("34 + 12 - 22: 46 - 22: ..."), so the next number
+    # is a short copy from the header before, not a count along the chain (without the headers some
+    # 10-minute runs never learned multi-step problems)
+    works, s, head = [], int(t[0]), t[0]
     for op, x in zip(t[1::2], map(int, t[2::2])):
         head_before = head
         head += f" {op} {x}"
@@ -423,7 +428,7 @@ def make_problem(rng, family, steps=None, held=False):
     schema = rng.choice(SCHEMAS[family])
     pairs, facts, fold = [], [], False   # fold: the last sentence may become "If ..., how many ...?"
     if family in ("add", "take"):
-        a, b = number_pair(rng, family)
+        a, b = number_pair(rng)
     if schema == "join":
         b = rng.randint(1, 99) if a > 99 else b
         story = [f"[n] {have()} {a} {obj}.",
@@ -565,7 +570,7 @@ def make_problem(rng, family, steps=None, held=False):
         reading = f"{a} - {b} = ?"
         pairs.append((a, b))
     elif schema == "compare-difference":
-        a, b = number_pair(rng, family)
+        a, b = number_pair(rng)
         x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
         big, small = ("n", "m") if x > y else ("m", "n")
         story = [w.pick([f"[n] {have()} {x} {obj}. [m] {have()} {y} {obj}.",
