@@ -356,6 +356,15 @@ class Teller:
             out[key] = (name,) + self.rng.choice([("she", "her", "her"), ("he", "him", "his")])
         return out
 
+    def in_a_place(self, a, obj, place, tense, changes, questions, before):
+        """A change told of a place, not a person ("There are 8 cups in the box. Tom adds 5 ..."), and
+        sometimes with the start told after the change ("... There were 8 cups in the box before.")."""
+        story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.", self.pick(changes)]
+        q = self.pick(questions)
+        if self.rng.random() < 0.4:
+            story = [story[1], f"There were {a} {obj} in the {place} " + self.pick(before)]
+        return story, q
+
     def render(self, text, people):
         """[n] is person n as the subject, [n1] as the object, [n2] possessive, [n!] always the name.
         The first mention names them; a later one may be a pronoun if nobody else was named between."""
@@ -442,16 +451,14 @@ def make_problem(rng, family, steps=None, held=False):
         q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have in all?",
                     f"How many {obj} does [n] end with?", f"How many {obj} are there now?",
                     f"How many {obj} does [n] have altogether?", f"What is the total number of {obj} now?"])
-        if rng.random() < 0.3:   # a place, not a person, holds them; the start may be told after the change
+        if rng.random() < 0.3:
             place = rng.choice(PLACES)
-            story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.",
-                     w.pick([f"[n] puts {b} more {obj} in the {place}.", f"[n] {gain()} {b} more and puts them in.",
-                             f"[n] adds {b} {obj} to the {place}.", f"{b} more {obj} are put in the {place}."])]
-            q = w.pick([f"How many {obj} are in the {place} now?", f"How many {obj} are in the {place} in all?",
-                        f"How many {obj} does the {place} hold now?", f"How many {obj} are there in the {place} now?"])
-            if rng.random() < 0.4:
-                story = [story[1], f"There were {a} {obj} in the {place} " + w.pick(
-                    ["at first.", "before.", "to begin with.", "already."])]
+            story, q = w.in_a_place(a, obj, place, tense, [
+                f"[n] puts {b} more {obj} in the {place}.", f"[n] {gain()} {b} more and puts them in.",
+                f"[n] adds {b} {obj} to the {place}.", f"{b} more {obj} are put in the {place}."], [
+                f"How many {obj} are in the {place} now?", f"How many {obj} are in the {place} in all?",
+                f"How many {obj} does the {place} hold now?", f"How many {obj} are there in the {place} now?"],
+                ["at first.", "before.", "to begin with.", "already."])
         reading, fold = f"{a} + {b} = ?", True
         pairs.append((a, b))
     elif schema == "separate-start":
@@ -498,16 +505,14 @@ def make_problem(rng, family, steps=None, held=False):
         q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
                     f"How many {obj} does [n] have left?", f"How many {obj} remain?",
                     f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
-        if rng.random() < 0.3:   # from a place, and the start may be told after the change
+        if rng.random() < 0.3:
             place = rng.choice(PLACES)
-            story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.",
-                     w.pick([f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
-                             f"[n] {lost()} {b} of them.", f"{b} {obj} were taken from the {place}."])]
-            q = w.pick([f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
-                        f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"])
-            if rng.random() < 0.4:
-                story = [story[1], f"There were {a} {obj} in the {place} " + w.pick(
-                    ["at first.", "before.", "to begin with.", "originally."])]
+            story, q = w.in_a_place(a, obj, place, tense, [
+                f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
+                f"[n] {lost()} {b} of them.", f"{b} {obj} were taken from the {place}."], [
+                f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
+                f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"],
+                ["at first.", "before.", "to begin with.", "originally."])
         reading, fold = f"{a} - {b} = ?", True
         pairs.append((a, b))
     elif schema == "join-change":
@@ -754,7 +759,9 @@ def is_training_allowed(p):
             and not any(is_held_out_fact(a, b) for a, b in p["facts"]))
 
 
-def is_training_allowed_but_wording(p):
+def in_wordings_split(p):
+    """Told with held-out wordings (make_split draws it so), held out by no other rule, and not a bare
+    sum or product (those have no wording)."""
     return is_training_allowed(dict(p, held=False)) and p["schema"] != "bare"
 
 
@@ -763,7 +770,7 @@ SPLITS = {   # split: (its families, the rule a problem must meet to belong to i
     "combos": (["add", "take", "compare", "sum"], lambda p: any(is_held_out_combo(*q) for q in p["pairs"])),
     "facts": (["groups", "share"], lambda p: any(is_held_out_fact(*f) for f in p["facts"])),
     "steps4": (["multistep"], lambda p: True),
-    "wordings": (["add", "take", "compare", "groups", "share", "multistep"], is_training_allowed_but_wording),
+    "wordings": (["add", "take", "compare", "groups", "share", "multistep"], in_wordings_split),
 }
 
 
@@ -808,13 +815,16 @@ def reading_value(text):
     if len(t) != 3 or not rhs.isdigit():
         return None
     x, op, y = t
-    c = int(rhs)
-    inverse = {"+": lambda v: c - v, "x": lambda v: c // v if v and c % v == 0 else None}
-    if op in inverse:
-        return inverse[op](int(y if x == "?" else x))
-    if op == "-":
-        return c + int(y) if x == "?" else int(x) - c
-    return int(x) // c if y == "?" and c and int(x) % c == 0 else (c * int(y) if x == "?" else None)
+    c, known = int(rhs), int(y if x == "?" else x)   # "known" is the number beside the ?
+    if op == "+":
+        return c - known
+    if op == "-":   # ? - y = c, or x - ? = c
+        return c + known if x == "?" else known - c
+    if op == "x":
+        return c // known if known and c % known == 0 else None
+    if x == "?":    # ? / y = c
+        return c * known
+    return known // c if c and known % c == 0 else None   # x / ? = c
 
 
 def value_of(tokens):
@@ -1648,8 +1658,8 @@ def ask(model, tokenizer, questions, batch_size=200, temperature=0.0, gen=None, 
                 prompts.append(tokenizer.encode(f"Q: {typed(q)}\nA:"))
             except UserError as e:
                 prompts.append(str(e))
-    asked = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-    replies = [None if i in asked else f"(not asked: {p})" for i, p in enumerate(prompts)]
+    asked = [i for i, p in enumerate(prompts) if not isinstance(p, str)]   # a str is the reason it was not
+    replies = [f"(not asked: {p})" if isinstance(p, str) else None for p in prompts]
     order = sorted(asked, key=lambda i: len(prompts[i]))
     for i in range(0, len(order), batch_size):
         chunk = order[i:i + batch_size]
