@@ -271,14 +271,14 @@ def column_steps(a, op, b):
     for i in range(max(len(da), len(db))):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
         if op == "+":
-            s = x + y + carry
-            steps.append(f"{x} + {y}{' + 1' if carry else ''} = {s}")
-            carry = s // 10
+            column = x + y + carry
+            steps.append(f"{x} + {y}{' + 1' if carry else ''} = {column}")
+            carry = column // 10
         else:
             top = x + 10 if x - carry < y else x   # borrow from the next column when we must
-            s = top - carry - y
-            steps.append(f"{top}{' - 1' if carry else ''} - {y} = {s}")
-            digits.append(str(s))
+            column = top - carry - y
+            steps.append(f"{top}{' - 1' if carry else ''} - {y} = {column}")
+            digits.append(str(column))
             carry = 1 if top != x else 0
     return steps, digits
 
@@ -310,19 +310,19 @@ def which_is_more(x, y):
 
 def times_working(groups, size):
     """groups x size by adding one group at a time; "(2 left)" counts the groups still to add."""
-    parts, s = [f"{size} ({groups - 1} left)"], size
+    parts, total = [f"{size} ({groups - 1} left)"], size
     for k in range(2, groups + 1):
-        parts.append(f"{s} + {size} = {s + size} ({groups - k} left)")
-        s += size
-    return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {s}.", s
+        parts.append(f"{total} + {size} = {total + size} ({groups - k} left)")
+        total += size
+    return f"{groups} x {size}: " + ", ".join(parts) + f", so {groups} x {size} = {total}.", total
 
 
 def divide_working(total, size):
     """total / size by taking one group away at a time until nothing is left; "(3)" counts groups."""
-    parts, s, k = [], total, 0
-    while s > 0:
-        parts.append(f"{s} - {size} = {s - size} ({k + 1})")
-        s, k = s - size, k + 1
+    parts, left, k = [], total, 0
+    while left > 0:
+        parts.append(f"{left} - {size} = {left - size} ({k + 1})")
+        left, k = left - size, k + 1
     return f"{total} / {size}: " + ", ".join(parts) + f", so {total} / {size} = {k}.", k
 
 
@@ -739,16 +739,21 @@ def make_problem(rng, family, steps=None, held=False):
 
 
 
-def lower_first(s):
+def lower_first(sentence):
     """"Then she gives away 5" -> "she gives away 5": the sentence goes on after "If "."""
-    s = s.removeprefix("Then ")
-    first = s.split(" ", 1)[0]
-    return s[0].lower() + s[1:] if first in ("She", "He", "There", "Each", "The", "Now", "How", "What", "Some", "A") else s
+    sentence = sentence.removeprefix("Then ")
+    first = sentence.split(" ", 1)[0]
+    return sentence[0].lower() + sentence[1:] if first in ("She", "He", "There", "Each", "The", "Now", "How", "What", "Some", "A") else sentence
+
+
+def ask_prompt(question):
+    """How every question is put to the model, in training and after."""
+    return f"Q: {question}\nA:"
 
 
 def problem_text(p, direct=False):
     """The prompt and the completion the model learns: working + answer (or the answer alone)."""
-    prompt = f"Q: {p['question']}\nA:"
+    prompt = ask_prompt(p["question"])
     if direct:
         return prompt, f" Answer: {p['answer']}"
     return prompt, f" {p['working']}\nAnswer: {p['answer']}"
@@ -805,10 +810,10 @@ READING = re.compile(r"(?<![\d?])(?<![\d?] )([\d?]+(?: [-+x/] [\d?]+)+ = [\d?]+)
 
 def reading_value(text):
     """The value of ? in the first reading of a working ("18 + ? = 44." gives 26), or None."""
-    m = next((m for m in READING.finditer(text) if m[1].count("?") == 1), None)
-    if m is None:
+    match = next((r for r in READING.finditer(text) if r[1].count("?") == 1), None)
+    if match is None:
         return None
-    lhs, rhs = m[1].split(" = ")
+    lhs, rhs = match[1].split(" = ")
     t = lhs.split()
     if rhs == "?":   # a chain, read left to right
         return value_of(t) if "?" not in t else None
@@ -1186,9 +1191,9 @@ def get_batch(data, batch_size, block_size, gen, device):
         ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen).numpy()
     x = torch.from_numpy(np.stack([np.asarray(ids[i:i + block_size], dtype=np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([np.asarray(ids[i + 1:i + 1 + block_size], dtype=np.int64) for i in ix]))
-    m = data.get("mask")   # the loss mask of the targets, if the data has one
-    m = None if m is None else torch.from_numpy(np.stack([m[i + 1:i + 1 + block_size] for i in ix])).to(device)
-    return x.to(device), y.to(device), m
+    mask = data.get("mask")   # the loss mask of the targets, if the data has one
+    mask = None if mask is None else torch.from_numpy(np.stack([mask[i + 1:i + 1 + block_size] for i in ix])).to(device)
+    return x.to(device), y.to(device), mask
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1333,6 +1338,11 @@ def model_from_checkpoint(ck, path="checkpoint"):
     return model, tokenizer
 
 
+def model_from_file(path):
+    """The model and tokenizer of the checkpoint at path, checked as load_checkpoint checks it."""
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
 @dataclass
 class TrainSettings:
     out: str = "checkpoints/tinyllm.pt"
@@ -1352,15 +1362,15 @@ class TrainSettings:
     stop_after: int = 0            # stop (resumably) after this many steps, as if interrupted
 
 
-def estimate_loss(model, splits, s, device, dtype):
+def estimate_loss(model, splits, settings, device, dtype):
     """Mean loss on the same eval_iters batches of each split every time (their own fixed seed)."""
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
     model.eval()
     out = {}
     with torch.no_grad(), autocast(device, dtype):
         for name, data in splits.items():
-            losses = [model(*get_batch(data, s.batch_size, model.cfg.block_size, gen, device))[1].item()
-                      for _ in range(s.eval_iters)]
+            losses = [model(*get_batch(data, settings.batch_size, model.cfg.block_size, gen, device))[1].item()
+                      for _ in range(settings.eval_iters)]
             out[name] = sum(losses) / len(losses)
     model.train()
     return out
@@ -1369,7 +1379,7 @@ def estimate_loss(model, splits, s, device, dtype):
 LEARNED = 0.95   # the probe's share at which a thinking model counts as having learned its working
 
 
-def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
+def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=None):
     """The training loop. `splits` maps "train"/"val" to data dicts; `meta` is saved in checkpoints.
     `probe(model)` (optional) returns (a line to print at each evaluation, an accuracy or None)."""
     from tqdm import tqdm
@@ -1377,9 +1387,9 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     ddp = torch.distributed.is_available() and torch.distributed.is_initialized()   # torchrun
     rank = torch.distributed.get_rank() if ddp else 0
     model.to(device)
-    optimizer = make_optimizer(model, s.lr, s.weight_decay, device)
-    gen = torch.Generator().manual_seed(s.seed + rank)   # batches come from here (each rank its own)
-    torch.manual_seed(s.seed)                            # dropout
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
+    gen = torch.Generator().manual_seed(settings.seed + rank)   # batches come from here (each rank its own)
+    torch.manual_seed(settings.seed)                            # dropout
     step, elapsed, best_val, history = 0, 0.0, float("inf"), []
     learned_at, accuracy = None, None   # learned_at: training tokens when the probe first reached LEARNED
     if resume_state is not None:
@@ -1388,7 +1398,7 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
         best_val = resume_state.get("best_val_loss", best_val)
         try:
             optimizer.load_state_dict(resume_state["optimizer"])
-            gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(s.seed + rank + step)
+            gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(settings.seed + rank + step)
             torch.set_rng_state(resume_state["rng"]["torch"])
         except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
             raise UserError(f"the checkpoint cannot be resumed: its optimizer or random state does not fit "
@@ -1396,8 +1406,8 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
         if device == "cuda" and resume_state["rng"].get("cuda") is not None:   # dropout on a GPU draws from here
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
-    fwd = torch.compile(fwd) if s.compile else fwd
-    budget = s.max_minutes * 60 if s.max_minutes else float("inf")
+    fwd = torch.compile(fwd) if settings.compile else fwd
+    budget = settings.max_minutes * 60 if settings.max_minutes else float("inf")
 
     def checkpoint(path, val_loss):
         save_checkpoint(path, {
@@ -1409,6 +1419,11 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
             "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}})
 
+    def stop_if_diverged(what, value):
+        if not math.isfinite(value):
+            raise UserError(f"the {what} is {value} at step {step}: training diverged; "
+                            f"try a lower --lr (now {settings.lr}); the last checkpoint is intact")
+
     stop = {"asked": False}
 
     def on_sigint(signum, frame):
@@ -1419,26 +1434,24 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
     # Ctrl-C, and the signals of a shutdown, a closed terminal, `timeout` or a job scheduler
     caught = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
     old_handlers = {sig: signal.signal(sig, on_sigint) for sig in caught}
-    tokens_per_step = s.batch_size * s.grad_accum * model.cfg.block_size   # per rank
+    tokens_per_step = settings.batch_size * settings.grad_accum * model.cfg.block_size   # per rank
     world = torch.distributed.get_world_size() if ddp else 1
-    bar = tqdm(total=s.max_iters if budget == float("inf") else None, initial=step, unit="step",
+    bar = tqdm(total=settings.max_iters if budget == float("inf") else None, initial=step, unit="step",
                dynamic_ncols=True, disable=True if rank else None, file=sys.stderr)
     start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
     at_eval, at_start = (step, elapsed), step
     try:
         while True:
-            progress = max(step / s.max_iters, elapsed / budget)
-            if s.stop_after and step >= s.stop_after:
+            progress = max(step / settings.max_iters, elapsed / budget)
+            if settings.stop_after and step >= settings.stop_after:
                 stop["asked"] = True
             if ddp:   # torchrun (appendix): every rank follows rank 0's clock and Ctrl-C
                 progress, stop["asked"] = torchrun_follow_rank0(progress, stop["asked"], device)
             last = progress >= 1.0 or stop["asked"]
-            if (step % s.eval_interval == 0 or last) and rank == 0:
-                losses = estimate_loss(model, splits, s, device, dtype)
+            if (step % settings.eval_interval == 0 or last) and rank == 0:
+                losses = estimate_loss(model, splits, settings, device, dtype)
                 val_loss = losses.get("val", losses["train"])
-                if not math.isfinite(val_loss):
-                    raise UserError(f"the validation loss is {val_loss} at step {step}: training diverged; "
-                                    f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
+                stop_if_diverged("validation loss", val_loss)
                 history.append(val_loss)
                 line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} {sparkline(history)}"
                 text, accuracy = probe(model) if probe is not None else (None, None)
@@ -1446,40 +1459,38 @@ def train(model, tokenizer, splits, s, meta, resume_state=None, probe=None):
                 if accuracy is not None and accuracy >= LEARNED and learned_at is None:
                     learned_at = step * tokens_per_step * world
                 row = {"step": step, "tokens": step * tokens_per_step * world, "train_loss": losses["train"],
-                       "val_loss": val_loss, "lr": lr_at(progress, s.lr, s.warmup), "elapsed": round(elapsed, 2),
+                       "val_loss": val_loss, "lr": lr_at(progress, settings.lr, settings.warmup), "elapsed": round(elapsed, 2),
                        "tokens_per_s": round((step - at_eval[0]) * tokens_per_step * world /
                                              max(elapsed - at_eval[1], 1e-9))}
                 at_eval = (step, elapsed)
-                with open(log_path(s.out), "a") as f:
+                with open(log_path(settings.out), "a") as f:
                     more = {} if accuracy is None else {"accuracy": accuracy, "tokens_to_learned": learned_at}
                     f.write(json.dumps({**row, **more}) + "\n")
                 if step > 0 or resume_state is not None:
                     if val_loss < best_val:
                         best_val = val_loss
-                        checkpoint(best_path(s.out), val_loss)
-                    checkpoint(s.out, val_loss)
+                        checkpoint(best_path(settings.out), val_loss)
+                    checkpoint(settings.out, val_loss)
             if last:
                 break
-            lr, t_step = lr_at(progress, s.lr, s.warmup), time.perf_counter()
+            lr, t_step = lr_at(progress, settings.lr, settings.warmup), time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(s.grad_accum):
-                x, y, m = get_batch(splits["train"], s.batch_size, model.cfg.block_size, gen, device)
+            for _ in range(settings.grad_accum):
+                x, y, mask = get_batch(splits["train"], settings.batch_size, model.cfg.block_size, gen, device)
                 with autocast(device, dtype):
-                    _, loss = fwd(x, y, m)
-                (loss / s.grad_accum).backward()
+                    _, loss = fwd(x, y, mask)
+                (loss / settings.grad_accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if s.compile and step == at_start + 1:   # this step compiled the model: not training time, or the
+            if settings.compile and step == at_start + 1:   # this step compiled the model: not training time, or the
                 start += time.perf_counter() - t_step   # time-based warm-up would be over before it began
             elapsed = time.perf_counter() - start
             if step % 10 == 0:   # reading the loss waits for the GPU to finish, so only every tenth step
                 lossf = loss.item()
-                if not math.isfinite(lossf):
-                    raise UserError(f"the loss became {lossf} at step {step}: training diverged; "
-                                    f"try a lower --lr (now {s.lr}); the last checkpoint is intact")
+                stop_if_diverged("loss", lossf)
                 now = time.perf_counter()
                 tok_s = (step - steps_last) * tokens_per_step / (now - t_last)
                 t_last, steps_last = now, step
@@ -1540,12 +1551,14 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, gen=None, use_cache=True, on_token=None, dtype="fp32"):
+             repetition_penalty=1.0, gen=None, use_cache=True, on_token=None, dtype="fp32", fast=True):
     """Continue each prompt (a list of id lists) by up to max_new_tokens; returns the new ids of each.
 
     Prompts of different lengths are left-padded and masked, so one batch serves them all. With the
     cache, the prompts run through the model once and then one token per step; without it, the
-    whole context runs every step (slow, but it is the definition: tests check they agree)."""
+    whole context runs every step (slow, but it is the definition: tests check they agree). fast: the
+    tokens after the prompt go through FastDecoder (in the appendix), the same arithmetic in fewer
+    operations."""
     was_training = model.training
     model.eval()   # no dropout while generating; the caller's mode comes back at the end
     device = next(model.parameters()).device
@@ -1557,14 +1570,17 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     padded = any(len(p) < T for p in prompts)   # without padding, the cheaper plain causal mask serves
     out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     caches, fed = None, 0   # fed: how many columns of idx the cache already holds
+    decoder = FastDecoder(model) if fast else None
     for _ in range(max_new_tokens):
         if idx.size(1) > bs:   # the context is full: keep its last 3/4 and rebuild the cache
             keep = max(1, 3 * bs // 4)
             idx, valid, caches, fed = idx[:, -keep:], valid[:, -keep:], None, 0
         with autocast(device.type, dtype):
-            if use_cache:
+            if use_cache and caches is not None and decoder:   # the same arithmetic, fewer operations
+                logits = decoder(idx[:, -1:], caches, valid if padded else None)
+            elif use_cache:
                 if caches is None:
                     caches = [[] for _ in model.h]
                 logits, _ = model(idx[:, fed:], caches=caches, valid=valid if padded else None)
@@ -1572,19 +1588,16 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
             else:
                 logits, _ = model(idx, valid=valid if padded else None)
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, idx, repetition_penalty, gen)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        new = nxt.tolist()
-        for b in range(B):
+        for b, tok in enumerate(nxt.tolist()):   # a finished row keeps being computed; its tokens are dropped
             if not done[b]:
-                out[b].append(new[b])
-                if on_token is not None and on_token(b, new[b], logits[b, -1]):   # True: this row is done
-                    done[b] = True
-        if end_id is not None:
-            done |= nxt == end_id
-        if done.all():
+                out[b].append(tok)
+                stop = on_token is not None and bool(on_token(b, tok, logits[b, -1]))   # True: the caller stops it
+                done[b] = stop or tok == end_id
+        if all(done):
             break
         idx = torch.cat([idx, nxt[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        if padded:
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
     model.train(was_training)
     return [[t for t in o if t != end_id] if end_id is not None else o for o in out]
 
@@ -1618,12 +1631,12 @@ def typed(text):
 
 def score_reply(reply, answer):
     """Read one reply: its answer, whether it is right, and whether its working holds up."""
-    m = ANSWER.search(reply)
-    got = int(m.group(1)) if m else None
-    work = reply[:m.start()] if m else reply
+    match = ANSWER.search(reply)
+    got = int(match.group(1)) if match else None
+    work = reply[:match.start()] if match else reply
     eqs, last = EQUATION.findall(work), LAST_VALUE.findall(work)
     comparisons_ok = all(c.group(0) == which_is_more(int(c[1]), int(c[2])) for c in COMPARISON.finditer(work))
-    return {"got": got, "correct": got == answer, "format_ok": m is not None,
+    return {"got": got, "correct": got == answer, "format_ok": match is not None,
             "read_ok": reading_value(work) == answer,
             "equations_ok": bool(eqs) and all(check_equation(l, r) for l, r in eqs) and comparisons_ok,
             "answer_is_last": bool(last) and got is not None and int(last[-1]) == got}
@@ -1650,12 +1663,12 @@ def ask(model, tokenizer, questions, batch_size=200, temperature=0.0, gen=None, 
     """Replies to questions, generated in batches (similar lengths together) with the KV cache. A
     question the tokenizer cannot encode gets the reason instead of a reply, and the others go on."""
     try:
-        prompts = encode_many(tokenizer, [f"Q: {typed(q)}\nA:" for q in questions])
+        prompts = encode_many(tokenizer, [ask_prompt(typed(q)) for q in questions])
     except UserError:   # one of them: find which, and keep the rest
         prompts = []
         for q in questions:
             try:
-                prompts.append(tokenizer.encode(f"Q: {typed(q)}\nA:"))
+                prompts.append(tokenizer.encode(ask_prompt(typed(q))))
             except UserError as e:
                 prompts.append(str(e))
     asked = [i for i, p in enumerate(prompts) if not isinstance(p, str)]   # a str is the reason it was not
@@ -1889,8 +1902,8 @@ def clear_stale_temporaries(folder):
     for name in names:
         # only names this file makes: ".NAME.tmpPID" (save_checkpoint), "ids-HASH-N.TYPE.bin.tmpPID"
         # (cached_ids), ".write-testPID" (cmd_train)
-        m = re.fullmatch(r"(?:\..+\.tmp|ids-[0-9a-f]{8}-\d+\.\w+\.bin\.tmp|\.write-test)(\d+)", name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+        match = re.fullmatch(r"(?:\..+\.tmp|ids-[0-9a-f]{8}-\d+\.\w+\.bin\.tmp|\.write-test)(\d+)", name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             try:
                 os.remove(os.path.join(folder, name))
                 print(f"removed {os.path.join(folder, name)}, left by a process that no longer runs",
@@ -2145,6 +2158,71 @@ def torchrun_compare_weights(model):
     print(f"{torch.distributed.get_world_size()} ranks, largest weight difference from rank 0: {diff.item():g}")
 
 
+# Generating faster. At batch 1 a token's arithmetic (about 2 x 0.86M multiply-adds) takes
+# microseconds; its time goes to the framework: a few microseconds for each of the ~200 small
+# operations and module calls GPT.forward makes per token (views, masks, casts, q and k rotated
+# apart). FastDecoder does the same arithmetic for one new token per row with about a third of them:
+# the weights gathered once and used by plain functions on (B, C) rows; the rotation folded into the
+# q, k, v matmul (its second half, -x2 and x1, is a fixed shuffle and sign of q's and k's rows, so the
+# matmul can write rotated copies as well: q rotated is then q * cos + q_shuffled * sin); the cache
+# written by index; the fused attention kernel (one call instead of four); and no mask at all when no
+# row is padded (the newest query may look at every filled position).
+
+class FastDecoder:
+
+    def __init__(self, model):
+        self.model, cfg = model, model.cfg
+        self.C, self.n_head = C, nh = cfg.n_embd, cfg.n_head
+        hs = C // nh
+
+        def shuffled(t):   # the rows of q and k (then their biases) as rotate's second half: (-x2, x1) per head
+            t = t[:2 * C].view(2 * nh, 2, hs // 2, *t.shape[1:])
+            return torch.cat((-t[:, 1:], t[:, :1]), dim=1).reshape(2 * C, *t.shape[3:])
+        self.layers = []
+        for b in model.h:
+            w, bias = b.attn.c_attn.weight, b.attn.c_attn.bias   # rows: q, k, v
+            self.layers.append((b.ln_1.weight, b.ln_1.bias, torch.cat((w, shuffled(w))),
+                                None if bias is None else torch.cat((bias, shuffled(bias))),
+                                b.attn.c_proj.weight, b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias,
+                                b.mlp.c_fc.weight, b.mlp.c_fc.bias, b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+
+    def __call__(self, idx, caches, valid=None):
+        """What model(idx, caches=caches, valid=valid) gives as logits, for one new token per row:
+        idx (B, 1) -> logits (B, 1, vocab_size). caches come filled by GPT.forward (the prompt's pass)."""
+        model, C, nh = self.model, self.C, self.n_head
+        B, hs, n = idx.size(0), C // nh, caches[0][2]   # n: positions filled; the new token writes slot n
+        if n + 1 > model.cfg.block_size:
+            raise ValueError(f"sequence of {n + 1} tokens is longer than block_size {model.cfg.block_size}")
+        if valid is None:
+            cos, sin, mask = model.rope_cos[n], model.rope_sin[n], None                            # (head_size,)
+        else:   # left-padded rows: a row's position counts its real tokens; padding is never looked at
+            pos = valid[:, :n].sum(1)                                                         # (B,)
+            cos, sin = model.rope_cos[pos].view(B, 1, 1, hs), model.rope_sin[pos].view(B, 1, 1, hs)
+            mask = valid[:, None, None, :n + 1]                                               # (B, 1, 1, n + 1)
+        # oneDNN (mkldnn) serves CPU fp32 GELU too, at about 19 us for one 512-wide row where PyTorch's
+        # own kernel takes under 2; for bf16 it is the fast matmul, so it stays on under autocast
+        plain = model.wte.weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        with torch.backends.mkldnn.flags(enabled=not plain, deterministic=None, allow_tf32=None, fp32_precision=None):
+            return self.layers_and_head(idx, caches, n, cos, sin, mask)
+
+    def layers_and_head(self, idx, caches, n, cos, sin, mask):
+        model, C, nh = self.model, self.C, self.n_head
+        B, hs = idx.size(0), C // nh
+        x = F.embedding(idx.view(B), model.wte.weight)                                            # (B, C)
+        for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), cache \
+                in zip(self.layers, caches):
+            qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, attn_b).view(B, 5, nh, hs)
+            qk = qkv[:, :2] * cos.to(qkv.dtype) + qkv[:, 3:] * sin.to(qkv.dtype)   # rotated q, k: (B, 2, nh, hs)
+            cache[0][:, :, n], cache[1][:, :, n] = qk[:, 1], qkv[:, 2]
+            y = F.scaled_dot_product_attention(qk[:, 0, :, None], cache[0][:, :, :n + 1],
+                                               cache[1][:, :, :n + 1], attn_mask=mask)    # (B, n_head, 1, hs)
+            x = x + F.linear(y.reshape(B, C), proj_w, proj_b)   # one query: heads already side by side
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)), out_w, out_b)
+        for cache in caches:
+            cache[2] = n + 1
+        return F.linear(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)[:, None]   # (B, 1, V)
+
+
 def streamer(tokenizer, stop=None):
     """An on_token callback that prints text as it comes. Only the tokens not yet printed are decoded
     (a character that BPE spreads over several tokens waits for its last one), so a token costs the
@@ -2203,7 +2281,7 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
         if line.startswith("/") or not line:
             continue
         try:
-            ids = tokenizer.encode(f"Q: {typed(line)}\nA:")
+            ids = tokenizer.encode(ask_prompt(typed(line)))
         except UserError as e:
             print(f"error: {e}")
             continue
@@ -2223,7 +2301,7 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
 DEFAULT_CKPT = os.path.join("checkpoints", "tinyllm.pt")
 
 
-def positive(kind, name, lo=None, hi=None, lo_open=False):
+def bounded(kind, name, lo=None, hi=None, lo_open=False):
     """An argparse type that refuses NaN, inf and out-of-range numbers with a readable message."""
     def parse(text):
         try:
@@ -2242,7 +2320,7 @@ def positive(kind, name, lo=None, hi=None, lo_open=False):
 
 def temperature_flag(name):
     """0 (greedy) or from 0.01 to 100: dividing logits by less overflows them."""
-    parse_range = positive(float, name, 0, 100)
+    parse_range = bounded(float, name, 0, 100)
 
     def parse(text):
         v = parse_range(text)
@@ -2252,37 +2330,70 @@ def temperature_flag(name):
     return parse
 
 
-SEED = positive(int, "--seed", 0, 2 ** 63 - 1)
+SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 
 
-def cmd_train(a):
+# What train uses where a flag is not given. The built-in corpus and your text each get their own
+# shape, context, batch and learning rate, chosen by 10-minute runs on each. On the corpus a model
+# half as wide (4 x 128, 2 heads of 64, 0.86M parameters) takes steps 1.7 times as fast, and in one
+# 9-minute fp32 run each it wrote 99.5% of the validation problems exactly where 4 x 192 wrote 52%:
+# the corpus needs steps more than width. Prose needs width: 4 x 192 (1.8M), and batch 16 rather than
+# 32 (twice the optimizer steps in the same minutes) reached a lower validation loss.
+TRAIN_DEFAULTS = {
+    "corpus": {"tokenizer": "bpe", "n_embd": 128, "n_head": 2, "block_size": 192, "batch_size": 8, "lr": 2e-3},
+    "text": {"tokenizer": "char", "n_embd": 192, "n_head": 3, "block_size": 128, "batch_size": 16, "lr": 3e-3},
+}
+TEXT_TOKENS_PER_MINUTE = 900_000   # what the --data default shape trains on a 2-core CPU (bf16 383 GFLOP/s)
+
+
+def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
+    """Dropout and weight decay for a text of n_tokens training tokens, from how many times the budget
+    will read it (its passes). A text read a few times is still being learned: regularising it only
+    slows that. A text read many times starts to be memorised: the validation loss stops falling and
+    then rises while the training loss goes on down, and dropout (random units left out at each step,
+    so no single path can store the text) keeps the two together."""
+    seen = max_iters * batch_size * block_size
+    if minutes:
+        seen = min(seen, minutes * TEXT_TOKENS_PER_MINUTE)
+    passes = seen / max(1, n_tokens)
+    if passes < 4:
+        dropout, weight_decay = 0.0, 0.1
+    elif passes < 20:
+        dropout, weight_decay = 0.1, 0.1
+    else:
+        dropout, weight_decay = 0.2, 0.1
+    return dropout, weight_decay, (f"{n_tokens:,} training tokens, about {passes:.1f} passes in this budget: "
+                                   f"dropout {dropout:g}, weight decay {weight_decay:g}")
+
+
+def cmd_train(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
-        cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
+        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         if cuda and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
             raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but it has "
-                            f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node={torch.cuda.device_count()}, "
+                            f"{torch.cuda.device_count()} GPU(settings): use --nproc_per_node={torch.cuda.device_count()}, "
                             "or add --device cpu")
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         if torch.distributed.get_rank() > 0:
             sys.stdout = open(os.devnull, "w")   # rank 0 alone speaks, evaluates and saves
-    device = pick_device(a.device)
-    dtype = pick_dtype(a.dtype, device)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     resume = None
-    if os.path.lexists(a.out) and not os.path.isfile(a.out):   # a folder, a device node, a broken link
-        raise UserError(f"--out {a.out} exists and is not a regular file: it is never replaced; "
+    if os.path.lexists(args.out) and not os.path.isfile(args.out):   # a folder, a device node, a broken link
+        raise UserError(f"--out {args.out} exists and is not a regular file: it is never replaced; "
                         "choose another --out")
-    if os.path.exists(a.out):
-        if a.resume:
-            resume = load_checkpoint(a.out)
-            check_resume(resume, a.out)
-        elif not a.overwrite:
-            raise UserError(f"{a.out} already holds a checkpoint: add --resume to continue it, "
+    if os.path.exists(args.out):
+        if args.resume:
+            resume = load_checkpoint(args.out)
+            check_resume(resume, args.out)
+        elif not args.overwrite:
+            raise UserError(f"{args.out} already holds a checkpoint: add --resume to continue it, "
                             "--overwrite to replace it, or choose another --out")
-    elif a.resume:
-        raise UserError(f"--resume: there is no checkpoint at {a.out} to resume")
-    folder = os.path.dirname(os.path.abspath(a.out))
+    elif args.resume:
+        raise UserError(f"--resume: there is no checkpoint at {args.out} to resume")
+    folder = os.path.dirname(os.path.abspath(args.out))
     try:   # find out now, not after an hour of training, that the checkpoint cannot be written
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f".write-test{os.getpid()}"), "wb") as f:
@@ -2291,50 +2402,54 @@ def cmd_train(a):
     except OSError as e:
         raise UserError(f"cannot write checkpoints to {folder}: {e.strerror}; choose another --out")
     if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
-        lock_out(a.out)   # rank 0 alone writes
+        lock_out(args.out)   # rank 0 alone writes
         clear_stale_temporaries(folder)
-    torch.manual_seed(a.seed)
+    torch.manual_seed(args.seed)
 
-    thinking = not a.data
-    # the built-in corpus and your text each get their own shape, context, batch and learning rate,
-    # chosen by 10-minute runs on each. On the corpus a model half as wide (4 x 128, 2 heads of 64,
-    # 0.86M parameters) takes steps 1.7 times as fast, and in one 9-minute fp32 run each it wrote 99.5%
-    # of the validation problems exactly where 4 x 192 wrote 52%: the corpus needs steps more than width
-    a.n_embd, a.n_head = a.n_embd or (128 if thinking else 192), a.n_head or (2 if thinking else 3)
-    a.block_size = a.block_size or (192 if thinking else 128)
-    a.batch_size = a.batch_size or (8 if thinking else 16)
-    a.lr = a.lr or (2e-3 if thinking else 3e-3)
-    if a.batch_size * a.block_size > 1 << 20:   # activations of a step grow with it: refuse before any work
-        raise UserError(f"--batch-size {a.batch_size} x --block-size {a.block_size} is "
-                        f"{a.batch_size * a.block_size:,} tokens a step; at most {1 << 20:,}")
+    thinking = not args.data
+    for flag, value in TRAIN_DEFAULTS["corpus" if thinking else "text"].items():   # what was not given
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.batch_size * args.block_size > 1 << 20:   # activations of a step grow with it: refuse before any work
+        raise UserError(f"--batch-size {args.batch_size} x --block-size {args.block_size} is "
+                        f"{args.batch_size * args.block_size:,} tokens a step; at most {1 << 20:,}")
     if resume is not None:
-        model, tokenizer = model_from_checkpoint(resume, a.out)
+        model, tokenizer = model_from_checkpoint(resume, args.out)
         meta = resume["meta"]
         thinking = meta["data"] is None
-        a.data, a.corpus_format, a.corpus_size = meta["data"], meta["corpus_format"], meta["corpus_size"]
-        a.seed = meta["settings"]["seed"]
+        args.data, args.corpus_format, args.corpus_size = meta["data"], meta["corpus_format"], meta["corpus_size"]
+        args.seed = meta["settings"]["seed"]
     if thinking:
-        train_p, val_p = build_corpus(a.corpus_size, seed=a.seed, direct=a.corpus_format == "direct")
-        texts = [''.join(problem_text(p, a.corpus_format == "direct")) for p in train_p[:20000]]
+        train_p, val_p = build_corpus(args.corpus_size, seed=args.seed, direct=args.corpus_format == "direct")
+        texts = [''.join(problem_text(p, args.corpus_format == "direct")) for p in train_p[:20000]]
     else:
-        texts = read_text_files(a.data)
+        texts = read_text_files(args.data)
+    weight_decay = None   # a resumed run keeps its own, with its other settings
     if resume is None:
-        if (a.tokenizer or ("bpe" if thinking else "char")) == "char":
+        if args.tokenizer == "char":
             import string
             extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
             tokenizer = CharTokenizer(set(extra).union(*map(set, texts)))
         else:
-            tokenizer = BPETokenizer.train(texts, a.vocab_size, within_words=not thinking)
-        cfg = Config(vocab_size=tokenizer.vocab_size, block_size=a.block_size, n_layer=a.n_layer,
-                     n_head=a.n_head, n_embd=a.n_embd, dropout=a.dropout, fused_attention=a.fused_attention)
-        cfg.check(a.max_params)
+            tokenizer = BPETokenizer.train(texts, args.vocab_size, within_words=not thinking)
+        dropout, weight_decay = args.dropout or 0.0, 0.1 if args.weight_decay is None else args.weight_decay
+        if not thinking:   # your text: regularise by how often the budget will read it
+            ids = cached_ids(texts, tokenizer, args.cache_dir)
+            chosen = fit_to_text(int(len(ids) * (1 - args.val_fraction)), args.max_minutes, args.max_iters,
+                                 args.batch_size * args.grad_accum, args.block_size)
+            if args.dropout is None and args.weight_decay is None:
+                dropout, weight_decay = chosen[:2]
+                print(f"chosen for your text: {chosen[2]} (set --dropout or --weight-decay to choose)")
+        cfg = Config(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=dropout, fused_attention=args.fused_attention)
+        cfg.check(args.max_params)
         model = GPT(cfg)
-        meta = {"data": a.data, "corpus_format": a.corpus_format, "corpus_size": a.corpus_size}
+        meta = {"data": args.data, "corpus_format": args.corpus_format, "corpus_size": args.corpus_size}
     cfg = model.cfg
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
           f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
     if thinking:
-        direct = a.corpus_format == "direct"
+        direct = args.corpus_format == "direct"
         ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
         v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
         longest = int(np.diff(np.append(starts, len(ids))).max())   # prompt + completion + END, in tokens
@@ -2343,42 +2458,44 @@ def cmd_train(a):
                             f"{longest - 1} (now {cfg.block_size})")
         splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
                   "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
-        sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
+        sample = val_p[:200]   # validation problems, never in the training set: 1-3 settings of every evaluation
 
-        def probe(m):
-            acc = written_exactly(m, tokenizer, sample, dtype=dtype)
+        def probe(model):
+            acc = written_exactly(model, tokenizer, sample, dtype=dtype)
             return f"probe {100 * acc:.1f}% ({len(sample)} validation problems written exactly)", acc
     else:
-        ids = cached_ids(texts, tokenizer, a.cache_dir)
+        if resume is not None:
+            ids = cached_ids(texts, tokenizer, args.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need
-        n_val = int(len(ids) * a.val_fraction)
+        n_val = int(len(ids) * args.val_fraction)
         if len(ids) - n_val < cfg.block_size + 2 or (n_val and n_val < cfg.block_size + 2):
             raise UserError(f"the data has {len(ids):,} tokens: too short for --block-size {cfg.block_size} "
-                            f"with a {a.val_fraction:.0%} validation share; give more text or a smaller --block-size")
+                            f"with a {args.val_fraction:.0%} validation share; give more text or a smaller --block-size")
         splits = {"train": {"ids": ids[:len(ids) - n_val]}}
         if n_val:
             splits["val"] = {"ids": ids[len(ids) - n_val:]}
         start = ids[:min(len(ids), 8)].tolist()
 
-        def probe(m):
-            o = generate(m, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
+        def probe(model):
+            o = generate(model, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
                          dtype=dtype)
             return "sample: " + repr(tokenizer.decode(start + o[0])), None
     meta.update(device=device, dtype=dtype)
-    s = TrainSettings(out=a.out, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup,
-                      max_iters=a.max_iters, max_minutes=a.max_minutes, eval_interval=a.eval_interval,
-                      seed=a.seed, device=device, dtype=dtype, compile=a.compile, stop_after=a.stop_after)
+    settings = TrainSettings(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      weight_decay=weight_decay, warmup=args.warmup,
+                      max_iters=args.max_iters, max_minutes=args.max_minutes, eval_interval=args.eval_interval,
+                      seed=args.seed, device=device, dtype=dtype, compile=args.compile, stop_after=args.stop_after)
     if resume is not None:   # the run's own settings; the budgets and the device are today's
         keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
-        s = TrainSettings(**{**meta["settings"], **{k: getattr(s, k) for k in keep}})
-    meta["settings"] = asdict(s)
-    if resume is None and os.path.exists(log_path(a.out)) and not (torch.distributed.is_initialized()
+        settings = TrainSettings(**{**meta["settings"], **{k: getattr(settings, k) for k in keep}})
+    meta["settings"] = asdict(settings)
+    if resume is None and os.path.exists(log_path(args.out)) and not (torch.distributed.is_initialized()
                                                                   and torch.distributed.get_rank()):
-        os.remove(log_path(a.out))   # a new run starts a new log
+        os.remove(log_path(args.out))   # a new run starts a new log
     print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
-          f"batch {s.batch_size} x {cfg.block_size}, lr {s.lr:g}, budget {s.max_iters:,} steps or "
-          f"{s.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
-    r = train(model, tokenizer, splits, s, meta, resume_state=resume, probe=probe)
+          f"batch {settings.batch_size} x {cfg.block_size}, lr {settings.lr:g}, budget {settings.max_iters:,} steps or "
+          f"{settings.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
+    r = train(model, tokenizer, splits, settings, meta, resume_state=resume, probe=probe)
     if torch.distributed.is_initialized():   # torchrun: rank 0 reports below, the others are done
         rank = torch.distributed.get_rank()
         torch.distributed.barrier()   # nobody closes its connections while another rank still reads from them
@@ -2386,9 +2503,9 @@ def cmd_train(a):
         if rank > 0:
             return 0
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
-          f"tokens/s, val loss {r['val_loss']:.4f}; saved {a.out}")
+          f"tokens/settings, val loss {r['val_loss']:.4f}; saved {args.out}")
     if r["interrupted"]:
-        print(f"interrupted: resume with `python tinyllm.py train --out {a.out} --resume`")
+        print(f"interrupted: resume with `python tinyllm.py train --out {args.out} --resume`")
         return 130
     if thinking and r["probe"] is not None:
         at = r["tokens_to_learned"]
@@ -2396,30 +2513,30 @@ def cmd_train(a):
               (f"it first reached {LEARNED:.0%} after {at / 1e6:.2f}M training tokens" if at is not None
                else f"it has not reached {LEARNED:.0%}"))
         if r["probe"] < 0.9:   # a budget ended before the model learned: say so, and how to go on
-            more = f"--max-iters {2 * r['step']}" if r["step"] >= s.max_iters else ""
-            if s.max_minutes:
+            more = f"--max-iters {2 * r['step']}" if r["step"] >= settings.max_iters else ""
+            if settings.max_minutes:
                 more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
             print(f"NOT LEARNED YET: the model writes only {100 * r['probe']:.0f}% of its working right (a "
                   f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
                   f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
-                  f"  python tinyllm.py train --out {shlex.quote(a.out)} --resume {more.strip()}")
+                  f"  python tinyllm.py train --out {shlex.quote(args.out)} --resume {more.strip()}")
     return 0
 
 
-def load_model(a):
+def load_model(args):
     """The model of --checkpoint on --device, int8 with --quantize int8 (generate, eval, chat)."""
-    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
-    device = pick_device(a.device)
-    if a.quantize == "int8":
+    model, tokenizer = model_from_file(args.checkpoint)
+    device = pick_device(args.device)
+    if args.quantize == "int8":
         if device != "cpu":
             raise UserError("--quantize int8 runs on the CPU: add --device cpu")
         model = quantize_int8(model)
     return model.to(device), tokenizer
 
 
-def cmd_generate(a):
-    model, tokenizer = load_model(a)
-    prompt = a.prompt.replace("\\n", "\n")
+def cmd_generate(args):
+    model, tokenizer = load_model(args)
+    prompt = args.prompt.replace("\\n", "\n")
     if not prompt.strip():
         raise UserError("the prompt is empty: give some text with --prompt")
     try:
@@ -2430,22 +2547,22 @@ def cmd_generate(a):
     if len(ids) >= model.cfg.block_size:
         print(f"(the prompt has {len(ids)} tokens, more than the model's context of {model.cfg.block_size}: "
               "only its end is used)", file=sys.stderr)
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(args.seed)
 
     def show_probs(b, tok, logits):   # the five likeliest tokens, as sampling saw them, and the pick
-        probs, ids5 = next_token_probs(logits[None], a.temperature or 1.0, a.top_k, a.top_p)[0].topk(5)
+        probs, ids5 = next_token_probs(logits[None], args.temperature or 1.0, args.top_k, args.top_p)[0].topk(5)
         print(f"{tokenizer.decode([tok])!r:>10} <- " + "  ".join(
             f"{tokenizer.decode([i])!r} {p:.2f}" for p, i in zip(probs.tolist(), ids5.tolist())))
         return tok == tokenizer.end_id
-    for n in range(a.num_samples):
-        if a.num_samples > 1:
+    for n in range(args.num_samples):
+        if args.num_samples > 1:
             print(f"--- sample {n + 1}")
-        print(prompt, end="\n" if a.show_probs else "", flush=True)
-        stream = streamer(tokenizer, a.stop)
-        out = generate(model, [ids], a.max_new_tokens, tokenizer.end_id, a.temperature, a.top_k, a.top_p,
-                       a.repetition_penalty, gen, on_token=show_probs if a.show_probs else stream)
+        print(prompt, end="\n" if args.show_probs else "", flush=True)
+        stream = streamer(tokenizer, args.stop)
+        out = generate(model, [ids], args.max_new_tokens, tokenizer.end_id, args.temperature, args.top_k, args.top_p,
+                       args.repetition_penalty, gen, on_token=show_probs if args.show_probs else stream)
         stream.finish()
-        print("\n" + prompt + tokenizer.decode(out[0]) if a.show_probs else "")
+        print("\n" + prompt + tokenizer.decode(out[0]) if args.show_probs else "")
     return 0
 
 
@@ -2486,79 +2603,79 @@ def read_questions(path):
     return problems
 
 
-def format_summary(s):
-    def row(name, a):
-        return f"  {name:<12} {100 * a['accuracy']:6.1f}%  ({a['correct']}/{a['n']}, 95% CI " \
-               f"{100 * a['ci95'][0]:.1f}-{100 * a['ci95'][1]:.1f}%)"
-    lines = [row("overall", s)]
+def format_summary(summary):
+    def row(name, acc):
+        return f"  {name:<12} {100 * acc['accuracy']:6.1f}%  ({acc['correct']}/{acc['n']}, 95% CI " \
+               f"{100 * acc['ci95'][0]:.1f}-{100 * acc['ci95'][1]:.1f}%)"
+    lines = [row("overall", summary)]
     for title, key in (("per family", "per_family"), ("per schema", "per_schema"), ("per number of steps", "per_steps"),
                        ("per split", "per_split")):
-        if len(s[key]) > 1 or key == "per_split":
+        if len(summary[key]) > 1 or key == "per_split":
             lines.append(title + ":")
-            lines += [row(k, v) for k, v in s[key].items()]
-    lines.append(f"reading: the equation set up first gives the true answer in {100 * s['read_ok']:.1f}% of replies")
-    lines.append(f"reasoning: every equation true in {100 * s['reasoning_ok']:.1f}% of replies; answer equals "
-                 f"the last computed value in {100 * s['answer_is_last_value']:.1f}%; no 'Answer:' line in "
-                 f"{100 * s['format_broken']:.1f}%")
+            lines += [row(k, v) for k, v in summary[key].items()]
+    lines.append(f"reading: the equation set up first gives the true answer in {100 * summary['read_ok']:.1f}% of replies")
+    lines.append(f"reasoning: every equation true in {100 * summary['reasoning_ok']:.1f}% of replies; answer equals "
+                 f"the last computed value in {100 * summary['answer_is_last_value']:.1f}%; no 'Answer:' line in "
+                 f"{100 * summary['format_broken']:.1f}%")
     lines.append("trivial baselines on the same questions: " +
-                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["baselines"].items()))
-    for f in s["failures"][:3]:
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary["baselines"].items()))
+    for f in summary["failures"][:3]:
         lines.append(f"failure: Q: {f['question']}\n  reply: {f['reply'].strip()}\n  true answer: {f['answer']}")
     return "\n".join(lines)
 
 
-def cmd_eval(a):
-    if a.questions:
-        problems = read_questions(a.questions)
+def cmd_eval(args):
+    if args.questions:
+        problems = read_questions(args.questions)
     else:
-        problems = [p for sp in (SPLITS if a.split == "all" else [a.split]) for p in make_split(sp, a.n, seed=0)]
-    model, tokenizer = load_model(a)
+        problems = [p for sp in (SPLITS if args.split == "all" else [args.split]) for p in make_split(sp, args.n, seed=0)]
+    model, tokenizer = load_model(args)
     t = time.perf_counter()
-    s = evaluate(model, tokenizer, problems, votes=a.votes, temperature=a.temperature, seed=a.seed)
-    s["seconds"] = round(time.perf_counter() - t, 1)
-    if a.json:
-        print(json.dumps(s))
+    summary = evaluate(model, tokenizer, problems, votes=args.votes, temperature=args.temperature, seed=args.seed)
+    summary["seconds"] = round(time.perf_counter() - t, 1)
+    if args.json:
+        print(json.dumps(summary))
     else:
-        print(f"{len(problems)} questions in {s['seconds']} s" + (f", majority of {a.votes} votes" if a.votes > 1 else ", greedy"))
-        print(format_summary(s))
+        print(f"{len(problems)} questions in {summary['seconds']} s" + (f", majority of {args.votes} votes" if args.votes > 1 else ", greedy"))
+        print(format_summary(summary))
     return 0
 
 
-def cmd_chat(a):
-    model, tokenizer = load_model(a)
-    chat(model, tokenizer, a.temperature, a.top_k, a.max_new_tokens or model.cfg.block_size, "fp32")
+def cmd_chat(args):
+    model, tokenizer = load_model(args)
+    chat(model, tokenizer, args.temperature, args.top_k, args.max_new_tokens or model.cfg.block_size, "fp32")
     return 0
 
 
-def cmd_plot(a):
-    plot_logs(a.logs, free_out(image_out(a.out), a.overwrite))
+def cmd_plot(args):
+    plot_logs(args.logs, free_out(image_out(args.out), args.overwrite))
     return 0
 
 
-def cmd_attention(a):
-    a.out = free_out(image_out(a.out), a.overwrite)
-    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
-    ids = tokenizer.encode(a.prompt.replace("\\n", "\n"))[-model.cfg.block_size:]
-    layer = model.cfg.n_layer - 1 if a.layer is None else a.layer
+def cmd_attention(args):
+    args.out = free_out(image_out(args.out), args.overwrite)
+    model, tokenizer = model_from_file(args.checkpoint)
+    ids = tokenizer.encode(args.prompt.replace("\\n", "\n"))[-model.cfg.block_size:]
+    layer = model.cfg.n_layer - 1 if args.layer is None else args.layer
     if not (ids and 0 <= layer < model.cfg.n_layer):
         raise UserError(f"give a non-empty --prompt and a --layer from 0 to {model.cfg.n_layer - 1}")
     model.eval()
-    plot_attention(attention_maps(model, ids, layer), [tokenizer.decode([i]) for i in ids], layer, a.out)
+    plot_attention(attention_maps(model, ids, layer), [tokenizer.decode([i]) for i in ids], layer, args.out)
     return 0
 
 
-def cmd_export(a):
-    free_out(a.out, a.overwrite, folder_output=a.format == "hf")
-    model, tokenizer = model_from_checkpoint(load_checkpoint(a.checkpoint), a.checkpoint)
-    export_onnx(model, a.out) if a.format == "onnx" else export_hf(model, tokenizer, a.out)
+def cmd_export(args):
+    free_out(args.out, args.overwrite, folder_output=args.format == "hf")
+    model, tokenizer = model_from_file(args.checkpoint)
+    export_onnx(model, args.out) if args.format == "onnx" else export_hf(model, tokenizer, args.out)
     return 0
 
 
-def cmd_info(a):
-    ck = load_checkpoint(a.checkpoint)
-    model, tokenizer = model_from_checkpoint(ck, a.checkpoint)
+def cmd_info(args):
+    ck = load_checkpoint(args.checkpoint)
+    model, tokenizer = model_from_checkpoint(ck, args.checkpoint)
     cfg = model.cfg
-    print(f"checkpoint {a.checkpoint} (format version {ck['version']})")
+    print(f"checkpoint {args.checkpoint} (format version {ck['version']})")
     print("config: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     print(param_report(cfg))
     print(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens")
@@ -2580,37 +2697,40 @@ def build_parser():
     t.add_argument("--data", nargs="+", help="your own UTF-8 text files or folders (default: the built-in corpus)")
     t.add_argument("--tokenizer", choices=["char", "bpe"], help="characters, or byte-level BPE "
                    "(default: bpe on the built-in corpus, char on --data)")
-    t.add_argument("--vocab-size", type=positive(int, "--vocab-size", 1, 65536), default=512, help="BPE vocabulary size")
-    t.add_argument("--n-layer", type=positive(int, "--n-layer", 1, 64), default=4)
-    t.add_argument("--n-head", type=positive(int, "--n-head", 1, 64), help="default: 2 on the built-in corpus, 3 on --data")
-    t.add_argument("--n-embd", type=positive(int, "--n-embd", 1, 4096), help="width of the model "
+    t.add_argument("--vocab-size", type=bounded(int, "--vocab-size", 1, 65536), default=512, help="BPE vocabulary size")
+    t.add_argument("--n-layer", type=bounded(int, "--n-layer", 1, 64), default=4)
+    t.add_argument("--n-head", type=bounded(int, "--n-head", 1, 64), help="default: 2 on the built-in corpus, 3 on --data")
+    t.add_argument("--n-embd", type=bounded(int, "--n-embd", 1, 4096), help="width of the model "
                    "(default: 128 on the built-in corpus, 192 on --data)")
-    t.add_argument("--block-size", type=positive(int, "--block-size", 2, 8192), help="context length in tokens "
+    t.add_argument("--block-size", type=bounded(int, "--block-size", 2, 8192), help="context length in tokens "
                    "(default: 192 on the built-in corpus, 128 on --data)")
-    t.add_argument("--dropout", type=positive(float, "--dropout", 0, 0.99), default=0.0)
+    t.add_argument("--dropout", type=bounded(float, "--dropout", 0, 0.99),
+                   help="default: 0 on the built-in corpus; on --data, chosen from the text's size and the budget")
+    t.add_argument("--weight-decay", type=bounded(float, "--weight-decay", 0, 10),
+                   help="AdamW's weight decay (default: 0.1; on --data, chosen with the dropout)")
     t.add_argument("--fused-attention", action="store_true",
                    help="use F.scaled_dot_product_attention on a CPU too (a GPU always does)")
-    t.add_argument("--max-params", type=positive(int, "--max-params", 0, MAX_LOAD_PARAMS), default=2_000_000,
+    t.add_argument("--max-params", type=bounded(int, "--max-params", 0, MAX_LOAD_PARAMS), default=2_000_000,
                    help="the parameter ceiling (0: none)")
-    t.add_argument("--batch-size", type=positive(int, "--batch-size", 1, 4096), help="default: 8 on the built-in "
+    t.add_argument("--batch-size", type=bounded(int, "--batch-size", 1, 4096), help="default: 8 on the built-in "
                    "corpus, 16 on --data (both chosen by 10-minute runs)")
-    t.add_argument("--grad-accum", type=positive(int, "--grad-accum", 1, 1024), default=1, help="batches per optimizer step")
-    t.add_argument("--lr", type=positive(float, "--lr", 0, 1, lo_open=True),
+    t.add_argument("--grad-accum", type=bounded(int, "--grad-accum", 1, 1024), default=1, help="batches per optimizer step")
+    t.add_argument("--lr", type=bounded(float, "--lr", 0, 1, lo_open=True),
                    help="peak learning rate (default: 2e-3 on the built-in corpus, 3e-3 on --data)")
-    t.add_argument("--warmup", type=positive(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
-    t.add_argument("--max-iters", type=positive(int, "--max-iters", 1, 10 ** 9), default=1_000_000, help="stop after this many steps")
-    t.add_argument("--max-minutes", type=positive(float, "--max-minutes", 0), default=9.0,
+    t.add_argument("--warmup", type=bounded(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
+    t.add_argument("--max-iters", type=bounded(int, "--max-iters", 1, 10 ** 9), default=1_000_000, help="stop after this many steps")
+    t.add_argument("--max-minutes", type=bounded(float, "--max-minutes", 0), default=9.0,
                    help="stop after this many minutes of training, 0 for no limit (the learning-rate "
                         "schedule follows whichever budget, steps or minutes, ends first)")
-    t.add_argument("--stop-after", type=positive(int, "--stop-after", 0, 10 ** 9), default=0,
+    t.add_argument("--stop-after", type=bounded(int, "--stop-after", 0, 10 ** 9), default=0,
                    help="stop after this many steps and save a resumable checkpoint, as Ctrl-C does")
-    t.add_argument("--eval-interval", type=positive(int, "--eval-interval", 1, 10 ** 9), default=250)
-    t.add_argument("--val-fraction", type=positive(float, "--val-fraction", 0, 0.5), default=0.1,
+    t.add_argument("--eval-interval", type=bounded(int, "--eval-interval", 1, 10 ** 9), default=250)
+    t.add_argument("--val-fraction", type=bounded(float, "--val-fraction", 0, 0.5), default=0.1,
                    help="share of your text kept for validation (its end)")
     t.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where token ids of --data are cached")
     t.add_argument("--corpus-format", default="working", choices=["working", "direct"],
                    help="built-in corpus: with written working, or bare answers (the control)")
-    t.add_argument("--corpus-size", type=positive(int, "--corpus-size", 100, 10_000_000), default=100_000,
+    t.add_argument("--corpus-size", type=bounded(int, "--corpus-size", 100, 10_000_000), default=100_000,
                    help="built-in corpus: number of training problems")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
@@ -2637,26 +2757,26 @@ def build_parser():
     for q in (pl, at, x):
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
-    g.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0, 100_000), default=200)
+    g.add_argument("--max-new-tokens", type=bounded(int, "--max-new-tokens", 0, 100_000), default=200)
     g.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
-    g.add_argument("--top-p", type=positive(float, "--top-p", 0, 1, lo_open=True), default=None)
-    g.add_argument("--repetition-penalty", type=positive(float, "--repetition-penalty", 0.01, 100), default=1.0)
+    g.add_argument("--top-k", type=bounded(int, "--top-k", 1), default=None)
+    g.add_argument("--top-p", type=bounded(float, "--top-p", 0, 1, lo_open=True), default=None)
+    g.add_argument("--repetition-penalty", type=bounded(float, "--repetition-penalty", 0.01, 100), default=1.0)
     g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
-    g.add_argument("--num-samples", type=positive(int, "--num-samples", 1, 1000), default=1)
+    g.add_argument("--num-samples", type=bounded(int, "--num-samples", 1, 1000), default=1)
     g.add_argument("--seed", type=SEED, default=1337)
     g.add_argument("--show-probs", action="store_true", help="print the five likeliest candidates for each token")
-    e.add_argument("-n", type=positive(int, "-n", 1, 100_000), default=1000, help="questions per split")
+    e.add_argument("-n", type=bounded(int, "-n", 1, 100_000), default=1000, help="questions per split")
     e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
     e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
-    e.add_argument("--votes", type=positive(int, "--votes", 1, 100), default=1, help="majority of K sampled replies")
-    e.add_argument("--temperature", type=positive(float, "--temperature", 0.01, 100), default=0.8,
+    e.add_argument("--votes", type=bounded(int, "--votes", 1, 100), default=1, help="majority of K sampled replies")
+    e.add_argument("--temperature", type=bounded(float, "--temperature", 0.01, 100), default=0.8,
                    help="sampling temperature for --votes")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     c.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
-    c.add_argument("--top-k", type=positive(int, "--top-k", 1), default=None)
-    c.add_argument("--max-new-tokens", type=positive(int, "--max-new-tokens", 0, 100_000), default=0, help="0: the context length")
+    c.add_argument("--top-k", type=bounded(int, "--top-k", 1), default=None)
+    c.add_argument("--max-new-tokens", type=bounded(int, "--max-new-tokens", 0, 100_000), default=0, help="0: the context length")
     pl.add_argument("logs", nargs="+", help="checkpoints (their .log.jsonl is read) or logs")
     pl.add_argument("--out", default="loss.png")
     at.add_argument("--prompt", required=True)
@@ -2668,11 +2788,11 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "chat": cmd_chat,
                 "plot": cmd_plot, "attention": cmd_attention, "export": cmd_export}
     try:
-        return commands[a.command](a)
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

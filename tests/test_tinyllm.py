@@ -415,6 +415,28 @@ def test_kv_cache_matches_full_recomputation():
     assert batch == [T.generate(model, [p], 15, temperature=0.0)[0] for p in prompts]
 
 
+def test_fast_decoding_step_is_the_models_own_arithmetic():
+    model = tiny_model(block_size=24)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    assert T.generate(model, prompts, 40, fast=True) == T.generate(model, prompts, 40, fast=False)
+    for rows, padded in ((prompts[1:2], False), (prompts, True)):   # one row alone, and left-padded rows
+        n = max(map(len, rows))
+        idx = torch.tensor([[0] * (n - len(p)) + p for p in rows])
+        valid = torch.tensor([[False] * (n - len(p)) + [True] * len(p) for p in rows])
+        plain, fast = [[] for _ in model.h], [[] for _ in model.h]
+        nxt = torch.full((len(rows), 1), 11)
+        valid = torch.cat([valid, torch.ones(len(rows), 1, dtype=torch.bool)], 1)
+        with torch.no_grad():
+            for caches in (plain, fast):
+                model(idx, caches=caches, valid=valid[:, :n] if padded else None)
+            want = model(nxt, caches=plain, valid=valid if padded else None)[0]
+            got = T.FastDecoder(model)(nxt, fast, valid if padded else None)
+        assert got.shape == want.shape == (len(rows), 1, model.cfg.vocab_size)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert [c[2] for c in fast] == [c[2] for c in plain] == [n + 1] * model.cfg.n_layer
+        assert all(torch.allclose(f[0][:, :, :n + 1], p[0][:, :, :n + 1], atol=1e-6) for f, p in zip(fast, plain))
+
+
 def test_same_seed_same_samples_and_greedy_is_argmax():
     model = tiny_model()
     s1 = T.generate(model, [[1, 2]], 20, temperature=1.0, gen=torch.Generator().manual_seed(5))
