@@ -2372,7 +2372,7 @@ def cmd_train(args):
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
         if cuda and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
             raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but it has "
-                            f"{torch.cuda.device_count()} GPU(settings): use --nproc_per_node={torch.cuda.device_count()}, "
+                            f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node={torch.cuda.device_count()}, "
                             "or add --device cpu")
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -2458,7 +2458,7 @@ def cmd_train(args):
                             f"{longest - 1} (now {cfg.block_size})")
         splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
                   "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
-        sample = val_p[:200]   # validation problems, never in the training set: 1-3 settings of every evaluation
+        sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
 
         def probe(model):
             acc = written_exactly(model, tokenizer, sample, dtype=dtype)
@@ -2503,7 +2503,7 @@ def cmd_train(args):
         if rank > 0:
             return 0
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
-          f"tokens/settings, val loss {r['val_loss']:.4f}; saved {args.out}")
+          f"tokens/s, val loss {r['val_loss']:.4f}; saved {args.out}")
     if r["interrupted"]:
         print(f"interrupted: resume with `python tinyllm.py train --out {args.out} --resume`")
         return 130
