@@ -1572,7 +1572,7 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     out = [[] for _ in range(B)]
     done = [False] * B
     caches, fed = None, 0   # fed: how many columns of idx the cache already holds
-    decoder = FastDecoder(model) if fast else None
+    decoder = FastDecoder(model) if fast and FastDecoder.serves(model) else None
     for _ in range(max_new_tokens):
         if idx.size(1) > bs:   # the context is full: keep its last 3/4 and rebuild the cache
             keep = max(1, 3 * bs // 4)
@@ -1764,9 +1764,9 @@ def summarize(scored):
 # Nothing here is needed to understand the model. Care for the user's files (temporary files of dead
 # processes cleared, one training per checkpoint, outputs checked before any work); a training log
 # and its plot; a look inside (the probabilities behind each token, one layer's attention); a chat
-# loop; int8 inference; export to ONNX and to Hugging Face's GPT-NeoX format; data-parallel training
-# with torchrun (cmd_train starts it, train() calls the two functions here). Optional packages are
-# imported inside each tool.
+# loop; a faster one-token step for generate; int8 inference; export to ONNX and to Hugging Face's
+# GPT-NeoX format; data-parallel training with torchrun (cmd_train starts it, train() calls the two
+# functions here). Optional packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
 
 CHECKPOINT_LIMITS = {   # field: (type, lowest, highest); far above anything this tool trains
@@ -2170,6 +2170,11 @@ def torchrun_compare_weights(model):
 
 class FastDecoder:
 
+    @staticmethod
+    def serves(model):
+        """Plain linear layers only: an int8 model's layers keep their weights packed."""
+        return all(type(m) is nn.Linear for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+
     def __init__(self, model):
         self.model, cfg = model, model.cfg
         self.C, self.n_head = C, nh = cfg.n_embd, cfg.n_head
@@ -2347,23 +2352,24 @@ TEXT_TOKENS_PER_MINUTE = 900_000   # what the --data default shape trains on a 2
 
 
 def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
-    """Dropout and weight decay for a text of n_tokens training tokens, from how many times the budget
-    will read it (its passes). A text read a few times is still being learned: regularising it only
-    slows that. A text read many times starts to be memorised: the validation loss stops falling and
-    then rises while the training loss goes on down, and dropout (random units left out at each step,
-    so no single path can store the text) keeps the two together."""
+    """The shape and regularisation for a text of n_tokens training tokens, from how many times the
+    budget will read it (its passes), and the reason in words. A text read ten times in ten minutes is
+    still being learned: its validation loss falls to the end, and dropout (units left out at random
+    at each step, so no one path can store the text) only costs steps (on 1 MB, 30% of them, and
+    0.05 of validation loss). A text read a hundred times is memorised: after a few passes its
+    validation loss turns and climbs while the training loss falls on. A narrower model with dropout
+    has less room to store it."""
     seen = max_iters * batch_size * block_size
     if minutes:
         seen = min(seen, minutes * TEXT_TOKENS_PER_MINUTE)
     passes = seen / max(1, n_tokens)
-    if passes < 4:
-        dropout, weight_decay = 0.0, 0.1
-    elif passes < 20:
-        dropout, weight_decay = 0.1, 0.1
+    if passes < 20:
+        chosen = {"dropout": 0.0, "weight_decay": 0.1, "n_embd": 192, "n_head": 3}
+        why = "it is still being learned at the end: no dropout"
     else:
-        dropout, weight_decay = 0.2, 0.1
-    return dropout, weight_decay, (f"{n_tokens:,} training tokens, about {passes:.1f} passes in this budget: "
-                                   f"dropout {dropout:g}, weight decay {weight_decay:g}")
+        chosen = {"dropout": 0.2, "weight_decay": 0.1, "n_embd": 128, "n_head": 2}
+        why = "it would be memorised: dropout 0.2 and a narrower model (4 x 128)"
+    return chosen, f"{n_tokens:,} training tokens, about {passes:.1f} passes in this budget; {why}"
 
 
 def cmd_train(args):
@@ -2407,6 +2413,9 @@ def cmd_train(args):
     torch.manual_seed(args.seed)
 
     thinking = not args.data
+    given = {k for k in ("dropout", "weight_decay", "n_embd", "n_head") if getattr(args, k) is not None}
+    if given & {"n_embd", "n_head"}:   # a shape is one choice: a width you give keeps the heads you give
+        given |= {"n_embd", "n_head"}
     for flag, value in TRAIN_DEFAULTS["corpus" if thinking else "text"].items():   # what was not given
         if getattr(args, flag) is None:
             setattr(args, flag, value)
@@ -2432,14 +2441,17 @@ def cmd_train(args):
             tokenizer = CharTokenizer(set(extra).union(*map(set, texts)))
         else:
             tokenizer = BPETokenizer.train(texts, args.vocab_size, within_words=not thinking)
-        dropout, weight_decay = args.dropout or 0.0, 0.1 if args.weight_decay is None else args.weight_decay
-        if not thinking:   # your text: regularise by how often the budget will read it
+        if not thinking:   # your text: shape and regularisation by how often the budget will read it
             ids = cached_ids(texts, tokenizer, args.cache_dir)
-            chosen = fit_to_text(int(len(ids) * (1 - args.val_fraction)), args.max_minutes, args.max_iters,
-                                 args.batch_size * args.grad_accum, args.block_size)
-            if args.dropout is None and args.weight_decay is None:
-                dropout, weight_decay = chosen[:2]
-                print(f"chosen for your text: {chosen[2]} (set --dropout or --weight-decay to choose)")
+            chosen, why = fit_to_text(int(len(ids) * (1 - args.val_fraction)), args.max_minutes, args.max_iters,
+                                      args.batch_size * args.grad_accum, args.block_size)
+            fitted = [k for k in chosen if k not in given]
+            for k in fitted:
+                setattr(args, k, chosen[k])
+            if fitted:
+                print(f"chosen for your text: {why} ({', '.join(f'{k} {chosen[k]:g}' for k in fitted)}; "
+                      "give --dropout, --weight-decay, --n-embd or --n-head to choose yourself)")
+        dropout, weight_decay = args.dropout or 0.0, 0.1 if args.weight_decay is None else args.weight_decay
         cfg = Config(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                      n_head=args.n_head, n_embd=args.n_embd, dropout=dropout, fused_attention=args.fused_attention)
         cfg.check(args.max_params)

@@ -568,7 +568,8 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
     assert "batch 8 x 32, lr 0.003," in r.stdout   # the learning rate chosen for text
     # 30 steps of 8 x 32 tokens read this 3,200-token text about twice: no dropout, and it says so
-    assert "chosen for your text: 3,456 training tokens, about 2.2 passes in this budget: dropout 0, weight decay 0.1" in r.stdout
+    assert ("chosen for your text: 3,456 training tokens, about 2.2 passes in this budget; it is still being "
+            "learned at the end: no dropout (dropout 0, weight_decay 0.1;") in r.stdout   # the shape was given
     assert os.path.exists(T.best_path(ck))
     g = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
                 "--temperature", "0.8", "--top-k", "5", "--seed", "1")
@@ -586,24 +587,26 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     assert "step 40" in res.stdout and "step 10:" not in res.stdout
 
 
-def test_regularisation_follows_how_often_the_budget_reads_the_text(tmp_path):
+def test_shape_and_regularisation_follow_how_often_the_budget_reads_the_text(tmp_path):
     ten_minutes = [T.fit_to_text(n, 10, 1_000_000, 16, 128) for n in (10_000_000, 1_000_000, 100_000)]
-    dropouts = [d for d, _, _ in ten_minutes]
-    assert dropouts[0] == 0.0 and dropouts == sorted(dropouts) and dropouts[2] > 0   # a small text is memorised
-    assert "about 0.9 passes" in ten_minutes[0][2] and "about 90.0 passes" in ten_minutes[2][2]
+    assert [c["dropout"] for c, _ in ten_minutes] == [0.0, 0.0, 0.2]   # only a text read ~100 times is memorised
+    assert [c["n_embd"] for c, _ in ten_minutes] == [192, 192, 128]
+    assert "about 0.9 passes" in ten_minutes[0][1] and "about 90.0 passes" in ten_minutes[2][1]
     # a step budget smaller than the minutes' reads only its own steps' tokens
-    assert "about 1.0 passes" in T.fit_to_text(20 * 16 * 128, 10, 20, 16, 128)[2]
+    assert "about 1.0 passes" in T.fit_to_text(20 * 16 * 128, 10, 20, 16, 128)[1]
     data = tmp_path / "t.txt"
-    data.write_text("The cat sat on the mat. " * 200)
-    common = ["train", "--data", str(data), "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
-              "--batch-size", "4", "--max-iters", "2", "--eval-interval", "2", "--dtype", "fp32",
-              "--cache-dir", str(tmp_path / "cache")]
-    chosen = run_cli(*common, "--max-iters", "600", "--stop-after", "1", "--out", str(tmp_path / "a.pt"))
-    assert chosen.returncode == 130 and "dropout 0.1," in chosen.stdout   # 600 steps read it about 9 times
-    assert T.load_checkpoint(str(tmp_path / "a.pt"))["config"]["dropout"] == 0.1
-    given = run_cli(*common, "--max-iters", "600", "--stop-after", "1", "--dropout", "0.05", "--out", str(tmp_path / "b.pt"))
-    assert given.returncode == 130 and "chosen for your text" not in given.stdout
-    assert T.load_checkpoint(str(tmp_path / "b.pt"))["config"]["dropout"] == 0.05
+    data.write_text("The cat sat on the mat. " * 200)   # 4,320 training tokens
+    common = ["train", "--data", str(data), "--n-layer", "1", "--block-size", "16", "--batch-size", "4",
+              "--eval-interval", "2", "--dtype", "fp32", "--cache-dir", str(tmp_path / "cache"),
+              "--max-iters", "1500", "--stop-after", "1"]   # 1,500 steps would read it 22 times
+    chosen = run_cli(*common, "--out", str(tmp_path / "a.pt"))
+    assert chosen.returncode == 130 and "about 22.2 passes" in chosen.stdout and "dropout 0.2, " in chosen.stdout
+    cfg = T.load_checkpoint(str(tmp_path / "a.pt"))["config"]
+    assert (cfg["dropout"], cfg["n_embd"], cfg["n_head"]) == (0.2, 128, 2)
+    given = run_cli(*common, "--dropout", "0.05", "--n-embd", "48", "--out", str(tmp_path / "b.pt"))
+    assert given.returncode == 130 and "chosen for your text" in given.stdout   # the weight decay still is
+    cfg = T.load_checkpoint(str(tmp_path / "b.pt"))["config"]
+    assert (cfg["dropout"], cfg["n_embd"], cfg["n_head"]) == (0.05, 48, 3)   # a given width keeps the heads it had
 
 
 def test_cli_thinking_corpus_train_and_eval(tmp_path):
