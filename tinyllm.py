@@ -1181,6 +1181,30 @@ def corpus_arrays(problems, tokenizer, direct=False):
     return ids, mask, starts
 
 
+def corpus_splits(train_p, val_p, tokenizer, block_size, direct=False):
+    """The built-in corpus as training and validation data: ids, loss mask and problem starts each."""
+    ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
+    v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
+    longest = int(np.diff(np.append(starts, len(ids))).max())   # prompt + completion + END, in tokens
+    if longest > block_size + 1:   # its answer would be cut off: the model would never learn to write it
+        raise UserError(f"the longest training problem is {longest} tokens: --block-size must be at least "
+                        f"{longest - 1} (now {block_size})")
+    return {"train": {"ids": ids, "mask": mask, "starts": starts},
+            "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
+
+
+def text_splits(ids, val_fraction, block_size):
+    """Your text as training data and, from its last val_fraction, validation data."""
+    n_val = int(len(ids) * val_fraction)
+    if len(ids) - n_val < block_size + 2 or (n_val and n_val < block_size + 2):
+        raise UserError(f"the data has {len(ids):,} tokens: too short for --block-size {block_size} "
+                        f"with a {val_fraction:.0%} validation share; give more text or a smaller --block-size")
+    splits = {"train": {"ids": ids[:len(ids) - n_val]}}
+    if n_val:
+        splits["val"] = {"ids": ids[len(ids) - n_val:]}
+    return splits
+
+
 def get_batch(data, batch_size, block_size, gen, device):
     """A batch of (x, y, loss mask): x, y (B, block_size). `data` is dict(ids, mask?, starts?)."""
     ids, starts = data["ids"], data.get("starts")
@@ -1765,8 +1789,8 @@ def summarize(scored):
 # processes cleared, one training per checkpoint, outputs checked before any work); a training log
 # and its plot; a look inside (the probabilities behind each token, one layer's attention); a chat
 # loop; a faster one-token step for generate; int8 inference; export to ONNX and to Hugging Face's
-# GPT-NeoX format; data-parallel training with torchrun (cmd_train starts it, train() calls the two
-# functions here). Optional packages are imported inside each tool.
+# GPT-NeoX format; data-parallel training with torchrun (cmd_train calls torchrun_start, train() the
+# two functions after it). Optional packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
 
 CHECKPOINT_LIMITS = {   # field: (type, lowest, highest); far above anything this tool trains
@@ -1901,7 +1925,7 @@ def clear_stale_temporaries(folder):
         return
     for name in names:
         # only names this file makes: ".NAME.tmpPID" (save_checkpoint), "ids-HASH-N.TYPE.bin.tmpPID"
-        # (cached_ids), ".write-testPID" (cmd_train)
+        # (cached_ids), ".write-testPID" (claim_out)
         match = re.fullmatch(r"(?:\..+\.tmp|ids-[0-9a-f]{8}-\d+\.\w+\.bin\.tmp|\.write-test)(\d+)", name)
         if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
             try:
@@ -1910,6 +1934,37 @@ def clear_stale_temporaries(folder):
                       file=sys.stderr)
             except OSError:
                 pass
+
+
+def claim_out(out, resume_asked, overwrite):
+    """Check --out before any work and hold it: the checkpoint to resume (or None). Nothing that is
+    not a regular file is replaced, a checkpoint only with --overwrite, and an unwritable folder is
+    found now, not after an hour of training."""
+    resume = None
+    if os.path.lexists(out) and not os.path.isfile(out):   # a folder, a device node, a broken link
+        raise UserError(f"--out {out} exists and is not a regular file: it is never replaced; "
+                        "choose another --out")
+    if os.path.exists(out):
+        if resume_asked:
+            resume = load_checkpoint(out)
+            check_resume(resume, out)
+        elif not overwrite:
+            raise UserError(f"{out} already holds a checkpoint: add --resume to continue it, "
+                            "--overwrite to replace it, or choose another --out")
+    elif resume_asked:
+        raise UserError(f"--resume: there is no checkpoint at {out} to resume")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:   # find out now, not after an hour of training, that the checkpoint cannot be written
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".write-test{os.getpid()}"), "wb") as f:
+            f.write(b"x")
+        os.remove(f.name)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints to {folder}: {e.strerror}; choose another --out")
+    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
+        lock_out(out)   # rank 0 alone writes
+        clear_stale_temporaries(folder)
+    return resume
 
 
 def lock_out(path):
@@ -2140,6 +2195,20 @@ def export_hf(model, tokenizer, out):
 
 # torchrun (started in cmd_train): one process per device, each on its own batches;
 # DistributedDataParallel (in train) averages the gradients, so the copies stay identical.
+
+def torchrun_start(device):
+    """When torchrun started this process (one per rank): join the group; rank 0 alone speaks."""
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+        raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but it has "
+                        f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node={torch.cuda.device_count()}, "
+                        "or add --device cpu")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if torch.distributed.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")   # rank 0 alone speaks, evaluates and saves
+
 
 def torchrun_follow_rank0(progress, stop, device):
     """Rank 0's progress and Ctrl-C, sent to every rank, so that all of them stop at the same step."""
@@ -2372,44 +2441,29 @@ def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
     return chosen, f"{n_tokens:,} training tokens, about {passes:.1f} passes in this budget; {why}"
 
 
+def say_if_learned(r, n_probe, settings, out):
+    """The end of a run on the corpus: the probe, when it passed LEARNED, and under 90% the plain words
+    that the model has not learned yet with the exact command that continues the same run."""
+    at = r["tokens_to_learned"]
+    print(f"probe: {100 * r['probe']:.1f}% of {n_probe} validation problems written exactly; " +
+          (f"it first reached {LEARNED:.0%} after {at / 1e6:.2f}M training tokens" if at is not None
+           else f"it has not reached {LEARNED:.0%}"))
+    if r["probe"] < 0.9:   # a budget ended before the model learned: say so, and how to go on
+        more = f"--max-iters {2 * r['step']}" if r["step"] >= settings.max_iters else ""
+        if settings.max_minutes:
+            more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
+        print(f"NOT LEARNED YET: the model writes only {100 * r['probe']:.0f}% of its working right (a "
+              f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
+              f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
+              f"  python tinyllm.py train --out {shlex.quote(out)} --resume {more.strip()}")
+
+
 def cmd_train(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
-        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        if cuda and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
-            raise UserError(f"torchrun started {os.environ['LOCAL_WORLD_SIZE']} processes on this machine, but it has "
-                            f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node={torch.cuda.device_count()}, "
-                            "or add --device cpu")
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        if torch.distributed.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")   # rank 0 alone speaks, evaluates and saves
+        torchrun_start(args.device)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    resume = None
-    if os.path.lexists(args.out) and not os.path.isfile(args.out):   # a folder, a device node, a broken link
-        raise UserError(f"--out {args.out} exists and is not a regular file: it is never replaced; "
-                        "choose another --out")
-    if os.path.exists(args.out):
-        if args.resume:
-            resume = load_checkpoint(args.out)
-            check_resume(resume, args.out)
-        elif not args.overwrite:
-            raise UserError(f"{args.out} already holds a checkpoint: add --resume to continue it, "
-                            "--overwrite to replace it, or choose another --out")
-    elif args.resume:
-        raise UserError(f"--resume: there is no checkpoint at {args.out} to resume")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    try:   # find out now, not after an hour of training, that the checkpoint cannot be written
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f".write-test{os.getpid()}"), "wb") as f:
-            f.write(b"x")
-        os.remove(f.name)
-    except OSError as e:
-        raise UserError(f"cannot write checkpoints to {folder}: {e.strerror}; choose another --out")
-    if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
-        lock_out(args.out)   # rank 0 alone writes
-        clear_stale_temporaries(folder)
+    resume = claim_out(args.out, args.resume, args.overwrite)
     torch.manual_seed(args.seed)
 
     thinking = not args.data
@@ -2461,15 +2515,7 @@ def cmd_train(args):
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
           f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
     if thinking:
-        direct = args.corpus_format == "direct"
-        ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
-        v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
-        longest = int(np.diff(np.append(starts, len(ids))).max())   # prompt + completion + END, in tokens
-        if longest > cfg.block_size + 1:   # its answer would be cut off: the model would never learn to write it
-            raise UserError(f"the longest training problem is {longest} tokens: --block-size must be at least "
-                            f"{longest - 1} (now {cfg.block_size})")
-        splits = {"train": {"ids": ids, "mask": mask, "starts": starts},
-                  "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
+        splits = corpus_splits(train_p, val_p, tokenizer, cfg.block_size, args.corpus_format == "direct")
         sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
 
         def probe(model):
@@ -2479,13 +2525,7 @@ def cmd_train(args):
         if resume is not None:
             ids = cached_ids(texts, tokenizer, args.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need
-        n_val = int(len(ids) * args.val_fraction)
-        if len(ids) - n_val < cfg.block_size + 2 or (n_val and n_val < cfg.block_size + 2):
-            raise UserError(f"the data has {len(ids):,} tokens: too short for --block-size {cfg.block_size} "
-                            f"with a {args.val_fraction:.0%} validation share; give more text or a smaller --block-size")
-        splits = {"train": {"ids": ids[:len(ids) - n_val]}}
-        if n_val:
-            splits["val"] = {"ids": ids[len(ids) - n_val:]}
+        splits = text_splits(ids, args.val_fraction, cfg.block_size)
         start = ids[:min(len(ids), 8)].tolist()
 
         def probe(model):
@@ -2494,9 +2534,9 @@ def cmd_train(args):
             return "sample: " + repr(tokenizer.decode(start + o[0])), None
     meta.update(device=device, dtype=dtype)
     settings = TrainSettings(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      weight_decay=weight_decay, warmup=args.warmup,
-                      max_iters=args.max_iters, max_minutes=args.max_minutes, eval_interval=args.eval_interval,
-                      seed=args.seed, device=device, dtype=dtype, compile=args.compile, stop_after=args.stop_after)
+                             weight_decay=weight_decay, warmup=args.warmup, max_iters=args.max_iters,
+                             max_minutes=args.max_minutes, eval_interval=args.eval_interval, seed=args.seed,
+                             device=device, dtype=dtype, compile=args.compile, stop_after=args.stop_after)
     if resume is not None:   # the run's own settings; the budgets and the device are today's
         keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
         settings = TrainSettings(**{**meta["settings"], **{k: getattr(settings, k) for k in keep}})
@@ -2520,18 +2560,7 @@ def cmd_train(args):
         print(f"interrupted: resume with `python tinyllm.py train --out {args.out} --resume`")
         return 130
     if thinking and r["probe"] is not None:
-        at = r["tokens_to_learned"]
-        print(f"probe: {100 * r['probe']:.1f}% of {len(sample)} validation problems written exactly; " +
-              (f"it first reached {LEARNED:.0%} after {at / 1e6:.2f}M training tokens" if at is not None
-               else f"it has not reached {LEARNED:.0%}"))
-        if r["probe"] < 0.9:   # a budget ended before the model learned: say so, and how to go on
-            more = f"--max-iters {2 * r['step']}" if r["step"] >= settings.max_iters else ""
-            if settings.max_minutes:
-                more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
-            print(f"NOT LEARNED YET: the model writes only {100 * r['probe']:.0f}% of its working right (a "
-                  f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
-                  f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
-                  f"  python tinyllm.py train --out {shlex.quote(args.out)} --resume {more.strip()}")
+        say_if_learned(r, len(sample), settings, args.out)
     return 0
 
 
