@@ -1414,21 +1414,10 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
     gen = torch.Generator().manual_seed(settings.seed + rank)   # batches come from here (each rank its own)
     torch.manual_seed(settings.seed)                            # dropout
-    step, elapsed, best_val, history = 0, 0.0, float("inf"), []
-    learned_at, accuracy = None, None   # learned_at: training tokens when the probe first reached LEARNED
-    if resume_state is not None:
-        learned_at = resume_state.get("tokens_to_learned")
-        step, elapsed = resume_state["step"], resume_state.get("elapsed", 0.0)
-        best_val = resume_state.get("best_val_loss", best_val)
-        try:
-            optimizer.load_state_dict(resume_state["optimizer"])
-            gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(settings.seed + rank + step)
-            torch.set_rng_state(resume_state["rng"]["torch"])
-        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
-            raise UserError(f"the checkpoint cannot be resumed: its optimizer or random state does not fit "
-                            f"this model ({str(e)[:120]}); start a new run with --overwrite")
-        if device == "cuda" and resume_state["rng"].get("cuda") is not None:   # dropout on a GPU draws from here
-            torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
+    step, elapsed, best_val, learned_at = 0, 0.0, float("inf"), None   # learned_at: tokens when the probe first passed LEARNED
+    if resume_state is not None:   # appendix: the counters, the optimizer and the random streams as they were saved
+        step, elapsed, best_val, learned_at = restore_training(resume_state, optimizer, gen, settings.seed, rank, device)
+    history, accuracy = [], None
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
     fwd = torch.compile(fwd) if settings.compile else fwd
     budget = settings.max_minutes * 60 if settings.max_minutes else float("inf")
@@ -1448,30 +1437,20 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
             raise UserError(f"the {what} is {value} at step {step}: training diverged; "
                             f"try a lower --lr (now {settings.lr}); the last checkpoint is intact")
 
-    stop = {"asked": False}
-
-    def on_sigint(signum, frame):
-        if stop["asked"]:   # a second Ctrl-C: leave now; the last complete checkpoint is untouched
-            raise KeyboardInterrupt
-        stop["asked"] = True
-
-    # Ctrl-C, and the signals of a shutdown, a closed terminal, `timeout` or a job scheduler
-    caught = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
-    old_handlers = {sig: signal.signal(sig, on_sigint) for sig in caught}
     tokens_per_step = settings.batch_size * settings.grad_accum * model.cfg.block_size   # per rank
     world = torch.distributed.get_world_size() if ddp else 1
-    bar = tqdm(total=settings.max_iters if budget == float("inf") else None, initial=step, unit="step",
-               dynamic_ncols=True, disable=True if rank else None, file=sys.stderr)
     start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
     at_eval, at_start = (step, elapsed), step
-    try:
+    with StopOnSignal() as stop, tqdm(total=settings.max_iters if budget == float("inf") else None, initial=step,
+                                      unit="step", dynamic_ncols=True, disable=True if rank else None,
+                                      file=sys.stderr) as bar:   # StopOnSignal (appendix): Ctrl-C stops cleanly
         while True:
             progress = max(step / settings.max_iters, elapsed / budget)
             if settings.stop_after and step >= settings.stop_after:
-                stop["asked"] = True
+                stop.asked = True
             if ddp:   # torchrun (appendix): every rank follows rank 0's clock and Ctrl-C
-                progress, stop["asked"] = torchrun_follow_rank0(progress, stop["asked"], device)
-            last = progress >= 1.0 or stop["asked"]
+                progress, stop.asked = torchrun_follow_rank0(progress, stop.asked, device)
+            last = progress >= 1.0 or stop.asked
             if (step % settings.eval_interval == 0 or last) and rank == 0:
                 losses = estimate_loss(model, splits, settings, device, dtype)
                 val_loss = losses.get("val", losses["train"])
@@ -1520,14 +1499,10 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                 t_last, steps_last = now, step
                 bar.set_postfix(loss=f"{lossf:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
                 bar.update(10)
-    finally:
-        bar.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
     if ddp:
         torchrun_compare_weights(model)
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
-            "interrupted": stop["asked"], "tokens": step * tokens_per_step * world,
+            "interrupted": stop.asked, "tokens": step * tokens_per_step * world,
             "probe": accuracy, "tokens_to_learned": learned_at}
 
 
@@ -1787,11 +1762,12 @@ def summarize(scored):
 # -----------------------------------------------------------------------------------------------
 # 8. Appendix: tools beyond the lesson
 # Nothing here is needed to understand the model. Care for the user's files (temporary files of dead
-# processes cleared, one training per checkpoint, outputs checked before any work); a training log
+# processes cleared, one training per checkpoint, outputs checked before any work); resuming a run
+# and stopping it cleanly on Ctrl-C (train() calls restore_training and StopOnSignal); a training log
 # and its plot; a look inside (the probabilities behind each token, one layer's attention); a chat
 # loop; a faster one-token step for generate; int8 inference; export to ONNX and to Hugging Face's
-# GPT-NeoX format; data-parallel training with torchrun (cmd_train calls torchrun_start, train() the
-# two functions after it). Optional packages are imported inside each tool.
+# GPT-NeoX format; data-parallel training with torchrun (cmd_train calls torchrun_start and
+# torchrun_finish, train() the other two). Optional packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
 
 CHECKPOINT_LIMITS = {   # field: (type, lowest, highest); far above anything this tool trains
@@ -1935,6 +1911,48 @@ def clear_stale_temporaries(folder):
                       file=sys.stderr)
             except OSError:
                 pass
+
+
+# Resuming and stopping cleanly. A resumed run puts back the optimizer's moments and the random
+# streams, so it draws the batches and dropout masks the uninterrupted run would have drawn. A signal
+# (Ctrl-C, a shutdown, a closed terminal, `timeout`, a job scheduler) only asks the loop to stop: it
+# finishes the step, evaluates, and writes its checkpoint, so nothing is lost half-written.
+
+def restore_training(resume_state, optimizer, gen, seed, rank, device):
+    """Load a checkpoint's optimizer and random state; returns (step, elapsed, best_val, learned_at)."""
+    step = resume_state["step"]
+    try:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(seed + rank + step)
+        torch.set_rng_state(resume_state["rng"]["torch"])
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"the checkpoint cannot be resumed: its optimizer or random state does not fit "
+                        f"this model ({str(e)[:120]}); start a new run with --overwrite")
+    if device == "cuda" and resume_state["rng"].get("cuda") is not None:   # dropout on a GPU draws from here
+        torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
+    return (step, resume_state.get("elapsed", 0.0), resume_state.get("best_val_loss", float("inf")),
+            resume_state.get("tokens_to_learned"))
+
+
+class StopOnSignal:
+    """with StopOnSignal() as stop: the first signal sets stop.asked; a second Ctrl-C leaves at once
+    (the last complete checkpoint is untouched). The old handlers come back on the way out."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __enter__(self):
+        self.asked = False
+        caught = [getattr(signal, n) for n in self.names if hasattr(signal, n)]
+        self.old = {sig: signal.signal(sig, self.on_signal) for sig in caught}
+        return self
+
+    def on_signal(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 def claim_out(out, resume_asked, overwrite):
@@ -2218,6 +2236,14 @@ def torchrun_follow_rank0(progress, stop, device):
     return flags[0].item(), bool(flags[1].item())
 
 
+def torchrun_finish():
+    """After training: wait for every rank, close the process group; returns this process's rank."""
+    rank = torch.distributed.get_rank()
+    torch.distributed.barrier()   # nobody closes its connections while another rank still reads from them
+    torch.distributed.destroy_process_group()
+    return rank
+
+
 def torchrun_compare_weights(model):
     """Prove the ranks ended with the same weights: print the largest difference from rank 0."""
     w = torch.cat([p.detach().float().flatten() for p in model.parameters()])
@@ -2459,6 +2485,32 @@ def say_if_learned(r, n_probe, settings, out):
               f"  python tinyllm.py train --out {shlex.quote(out)} --resume {more.strip()}")
 
 
+def make_tokenizer(kind, texts, vocab_size, thinking):
+    """A new tokenizer learned from texts (a list of strings): "char" or "bpe"."""
+    if kind == "char":
+        import string
+        extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
+        return CharTokenizer(set(extra).union(*map(set, texts)))
+    return BPETokenizer.train(texts, vocab_size, within_words=not thinking)
+
+
+def accuracy_probe(tokenizer, sample, dtype, direct):
+    """For train(): at each evaluation, the share of the sample's problems the model writes exactly."""
+    def probe(model):
+        acc = written_exactly(model, tokenizer, sample, dtype=dtype, direct=direct)
+        return f"probe {100 * acc:.1f}% ({len(sample)} validation problems written exactly)", acc
+    return probe
+
+
+def sample_probe(tokenizer, start, dtype):
+    """For train() on your text: at each evaluation, 60 sampled tokens after the text's first ids."""
+    def probe(model):
+        o = generate(model, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
+                     dtype=dtype)
+        return "sample: " + repr(tokenizer.decode(start + o[0])), None
+    return probe
+
+
 def cmd_train(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
         torchrun_start(args.device)
@@ -2490,12 +2542,7 @@ def cmd_train(args):
         texts = read_text_files(args.data)
     weight_decay = None   # a resumed run keeps its own, with its other settings
     if resume is None:
-        if args.tokenizer == "char":
-            import string
-            extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
-            tokenizer = CharTokenizer(set(extra).union(*map(set, texts)))
-        else:
-            tokenizer = BPETokenizer.train(texts, args.vocab_size, within_words=not thinking)
+        tokenizer = make_tokenizer(args.tokenizer, texts, args.vocab_size, thinking)
         if not thinking:   # your text: shape and regularisation by how often the budget will read it
             ids = cached_ids(texts, tokenizer, args.cache_dir)
             chosen, why = fit_to_text(int(len(ids) * (1 - args.val_fraction)), args.max_minutes, args.max_iters,
@@ -2518,21 +2565,13 @@ def cmd_train(args):
     if thinking:
         splits = corpus_splits(train_p, val_p, tokenizer, cfg.block_size, args.corpus_format == "direct")
         sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
-
-        def probe(model):
-            acc = written_exactly(model, tokenizer, sample, dtype=dtype, direct=args.corpus_format == "direct")
-            return f"probe {100 * acc:.1f}% ({len(sample)} validation problems written exactly)", acc
+        probe = accuracy_probe(tokenizer, sample, dtype, args.corpus_format == "direct")
     else:
         if resume is not None:
             ids = cached_ids(texts, tokenizer, args.cache_dir)
         del texts   # from here on the memory-mapped ids are all we need
         splits = text_splits(ids, args.val_fraction, cfg.block_size)
-        start = ids[:min(len(ids), 8)].tolist()
-
-        def probe(model):
-            o = generate(model, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
-                         dtype=dtype)
-            return "sample: " + repr(tokenizer.decode(start + o[0])), None
+        probe = sample_probe(tokenizer, ids[:min(len(ids), 8)].tolist(), dtype)
     meta.update(device=device, dtype=dtype)
     settings = TrainSettings(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                              weight_decay=weight_decay, warmup=args.warmup, max_iters=args.max_iters,
@@ -2549,12 +2588,8 @@ def cmd_train(args):
           f"batch {settings.batch_size} x {cfg.block_size}, lr {settings.lr:g}, budget {settings.max_iters:,} steps or "
           f"{settings.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, settings, meta, resume_state=resume, probe=probe)
-    if torch.distributed.is_initialized():   # torchrun: rank 0 reports below, the others are done
-        rank = torch.distributed.get_rank()
-        torch.distributed.barrier()   # nobody closes its connections while another rank still reads from them
-        torch.distributed.destroy_process_group()
-        if rank > 0:
-            return 0
+    if torch.distributed.is_initialized() and torchrun_finish() > 0:   # rank 0 reports below, the others are done
+        return 0
     print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
           f"tokens/s, val loss {r['val_loss']:.4f}; saved {args.out}")
     if r["interrupted"]:
