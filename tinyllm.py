@@ -326,6 +326,40 @@ def divide_working(total, size):
     return f"{total} / {size}: " + ", ".join(parts) + f", so {total} / {size} = {k}.", k
 
 
+def solve(reading):
+    """The working after the reading, its answer, and the operations it performed, [(a, op, b), ...]
+    (the held-out splits are decided on these). An unknown inside the equation is moved to the left
+    first ("18 + ? = 44, so ? = 44 - 18."), then the arithmetic is written as in the functions above."""
+    lhs, rhs = reading.split(" = ")
+    if rhs != "?":   # "a + ? = c", "? + b = c", "a - ? = c" or "? - b = c"
+        x, op, y = lhs.split()
+        c = int(rhs)
+        if op == "+":
+            a, op2, b = c, "-", int(y if x == "?" else x)
+        elif x == "?":
+            a, op2, b = c, "+", int(y)
+        else:
+            a, op2, b = int(x), "-", c
+        work, ans = column_working(a, op2, b)
+        return f"? = {a} {op2} {b}. " + work, ans, [(a, op2, b)]
+    t = lhs.split()
+    if len(t) == 3:
+        a, op, b = int(t[0]), t[1], int(t[2])
+        work, ans = times_working(a, b) if op == "x" else divide_working(a, b) if op == "/" else column_working(a, op, b)
+        return work, ans, [(a, op, b)]
+    # a chain: step k is headed by the chain up to it ("34 + 12 - 22: 46 - 22: ..."), so the next number
+    # is a short copy from the header before, not a count along the chain (without the headers some
+    # 10-minute runs never learned multi-step problems)
+    works, s, head, done = [], int(t[0]), t[0], []
+    for op, x in zip(t[1::2], map(int, t[2::2])):
+        head_before = head
+        head += f" {op} {x}"
+        done.append((s, op, x))
+        w, s = times_working(s, x) if op == "x" else column_working(s, op, x)
+        works.append(f"{head}: {w}" if works or head_before != t[0] else w)
+    return " ".join(works), s, done
+
+
 class Teller:
     """The words of one problem, drawn from rng. Every list of four or more options has every fourth
     option held out: held=False draws only from the others (training and the usual splits), held=True
@@ -333,6 +367,17 @@ class Teller:
 
     def __init__(self, rng, held=False):
         self.rng, self.held = rng, held
+        self.obj = rng.choice(OBJECTS)   # what the story counts
+        self.tense = rng.randint(0, 1)   # 0 present, 1 past
+
+    def tensed(self, present, past):
+        return past if self.tense else present
+
+    def have(self): return self.pick(HAVE)[self.tense]
+    def gain(self): return self.pick(GAIN)[self.tense]
+    def lose(self): return self.pick(LOSE)[self.tense]
+    def lost(self): return self.pick(LOSE)[1]   # always past: "she had some; she lost 18 of them"
+    def got(self): return self.pick(GAIN)[1]
 
     def pick(self, options):
         if len(options) >= 4:
@@ -356,13 +401,13 @@ class Teller:
             out[key] = (name,) + self.rng.choice([("she", "her", "her"), ("he", "him", "his")])
         return out
 
-    def in_a_place(self, a, obj, place, tense, changes, questions, before):
+    def in_a_place(self, a, place, changes, questions, before):
         """A change told of a place, not a person ("There are 8 cups in the box. Tom adds 5 ..."), and
         sometimes with the start told after the change ("... There were 8 cups in the box before.")."""
-        story = [f"There {'are' if tense == 0 else 'were'} {a} {obj} in the {place}.", self.pick(changes)]
+        story = [f"There {self.tensed('are', 'were')} {a} {self.obj} in the {place}.", self.pick(changes)]
         q = self.pick(questions)
         if self.rng.random() < 0.4:
-            story = [story[1], f"There were {a} {obj} in the {place} " + self.pick(before)]
+            story = [story[1], f"There were {a} {self.obj} in the {place} " + self.pick(before)]
         return story, q
 
     def render(self, text, people):
@@ -381,362 +426,407 @@ class Teller:
             said.add(key); last, pos = key, mt.end()
         return "".join(out) + text[pos:]
 
-
 def number_pair(rng):
     """Two numbers for one addition or subtraction: mostly up to 99, sometimes up to 999."""
     top = 999 if rng.random() < 0.2 else 99
     a = rng.randint(5, top)
     return a, rng.randint(1, a - 1)
 
+def tell_join(w):
+    """Join, the result unknown: "Tom has 8 cards. He gets 5 more. How many now?" 8 + 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    b = rng.randint(1, 99) if a > 99 else b
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[n] {w.gain()} {b} more.",
+                     f"[m] {w.tensed('gives', 'gave')} [n1] {b} more {obj}.",
+                     f"Then [n] {w.gain()} {b} more {obj}.",
+                     f"[n] {w.gain()} another {b}.",
+                     f"{b} more {obj} {w.tensed('are', 'were')} added.",
+                     f"[n2] {rng.choice(RELATIVES)} {w.tensed('gives', 'gave')} [n1] {b} more.",
+                     f"[n] {w.gain()} {b} more {obj} and [m] {w.gain()} none."])]
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have in all?",
+                f"How many {obj} does [n] end with?", f"How many {obj} are there now?",
+                f"How many {obj} does [n] have altogether?", f"What is the total number of {obj} now?"])
+    if rng.random() < 0.3:
+        place = rng.choice(PLACES)
+        story, q = w.in_a_place(a, place, [
+            f"[n] puts {b} more {obj} in the {place}.", f"[n] {w.gain()} {b} more and puts them in.",
+            f"[n] adds {b} {obj} to the {place}.", f"{b} more {obj} are put in the {place}."], [
+            f"How many {obj} are in the {place} now?", f"How many {obj} are in the {place} in all?",
+            f"How many {obj} does the {place} hold now?", f"How many {obj} are there in the {place} now?"],
+            ["at first.", "before.", "to begin with.", "already."])
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
 
-def solve(reading, chain=None):
-    """The working after the reading: an unknown inside the equation is moved to the left first
-    ("18 + ? = 44, so ? = 44 - 18."), then the arithmetic as in the functions above."""
-    lhs, rhs = reading.split(" = ")
-    if rhs != "?":   # "a + ? = c", "? + b = c", "a - ? = c" or "? - b = c"
-        x, op, y = lhs.split()
-        c = int(rhs)
-        if op == "+":
-            a, op2, b = c, "-", int(y if x == "?" else x)
-        elif x == "?":
-            a, op2, b = c, "+", int(y)
+
+def tell_separate_start(w):
+    """Separate, the start unknown: "She had some. She lost 18. 25 are left. How many at first?" ? - 18 = 25"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c = a - b   # had ?, lost b, c left: ? = c + b
+    story = [f"[n] had some {obj}.", f"[n] {w.lost()} {b} of them.",
+             w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
+                     f"[n] still has {c}.", f"There are {c} {obj} left now."])]
+    q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
+                f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
+    reading = f"? - {b} = {c}"
+    return story, q, reading
+
+
+def tell_combine(w):
+    """Combine, the total unknown: "Tom has 8 and Ann has 5. How many in all?" 8 + 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    b = rng.randint(1, 99) if a > 99 else b
+    c1, c2 = rng.sample(COLOURS, 2)
+    story = [w.pick([f"[n] {w.have()} {a} {obj} and [m] {w.have()} {b} {obj}.",
+                     f"[n] {w.gain()} {a} {obj}. [m] {w.gain()} {b} {obj}.",
+                     f"There are {a} {c1} {obj} and {b} {c2} {obj} in the {rng.choice(PLACES)}.",
+                     f"[n] {w.gain()} {a} {obj} and [m] {w.gain()} {b}.",
+                     f"A {rng.choice(PLACES)} holds {a} {c1} {obj} and {b} {c2} {obj}."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                f"How many {obj} in total?", f"How many {obj} are there together?",
+                f"What is the total number of {obj}?", f"How many {obj} do they have together?",
+                f"How many {obj} do they have in all?", f"How many {obj} did they get in total?"])
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_compare_more(w):
+    """Compare, the bigger unknown: "Tom has 8. Ann has 5 more than Tom. How many has Ann?" 8 + 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    b = rng.randint(1, 99) if a > 99 else b
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[m] has {b} more {obj} than [n!].",
+                     f"[m] has {b} more than [n!].",
+                     f"[m] has {b} {obj} more than [n!] does.",
+                     f"[m] {w.have()} {b} more {obj} than [n!] {w.have()}."])]
+    q = f"How many {obj} does [m!] have?"
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_separate(w):
+    """Separate, the result unknown: "Tom has 13. He gives away 5. How many are left?" 13 - 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[n] {w.lose()} {b}.", f"[n] {w.lose()} {b} of them.",
+                     f"Then [n] {w.lose()} {b} {obj}.",
+                     f"[n] {w.tensed('gives', 'gave')} {b} {obj} to [m].",
+                     f"[m] {w.tensed('takes', 'took')} {b} of them away.",
+                     f"[n] {w.lose()} {b} {obj} at school.", f"[m] bought {b} of [n2] {obj}.",
+                     f"[m] took {b} of [n2] {obj}."])]
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
+                f"How many {obj} does [n] have left?", f"How many {obj} remain?",
+                f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
+    if rng.random() < 0.3:
+        place = rng.choice(PLACES)
+        story, q = w.in_a_place(a, place, [
+            f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
+            f"[n] {w.lost()} {b} of them.", f"{b} {obj} were taken from the {place}."], [
+            f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
+            f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"],
+            ["at first.", "before.", "to begin with.", "originally."])
+    reading = f"{a} - {b} = ?"
+    return story, q, reading
+
+
+def tell_join_change(w):
+    """Join, the change unknown: "She had 8. She got some more. Now she has 13. How many did she get?" 8 + ? = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c, a = a, a - b   # had a, got ?, now c: ? = c - a
+    story = [f"[n] had {a} {obj}.",
+             w.pick([f"[n] got some more.", f"[m] gave [n1] some more.",
+                     f"[n] found some more {obj}.",
+                     f"[n2] {rng.choice(RELATIVES)} gave [n1] some more."]),
+             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} did [n] get?", f"How many more {obj} did [n] get?",
+                f"How many {obj} were added?", f"How many {obj} did [n] receive?"])
+    if rng.random() < 0.3:   # or the wish: "how many more does she need to have c?"
+        story = [f"[n] has {a} {obj}."]
+        q = w.pick([f"How many more {obj} does [n] need to have {c}?",
+                    f"How many more {obj} does [n] need to get to {c}?",
+                    f"How many more {obj} must [n] find to have {c} {obj}?",
+                    f"How many more {obj} does [n] have to collect to have {c}?"])
+    reading = f"{a} + ? = {c}"
+    return story, q, reading
+
+
+def tell_join_start(w):
+    """Join, the start unknown: "He had some. He got 5 more. Now he has 13. How many at first?" ? + 5 = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c = a   # had ?, got b, now c: ? = c - b
+    story = [f"[n] had some {obj}.", f"[n] {w.got()} {b} more.",
+             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
+                f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
+    reading = f"? + {b} = {c}"
+    return story, q, reading
+
+
+def tell_separate_change(w):
+    """Separate, the change unknown: "She had 13. She sold some. 8 are left. How many are gone?" 13 - ? = 8"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c = a - b   # had a, lost ?, c left: ? = a - c
+    story = [f"[n] had {a} {obj}.",
+             w.pick([f"[n] gave some to [m].", f"[n] lost some of them.",
+                     f"[n] sold some {obj}.", f"Some of them were eaten."]),
+             w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
+                     f"[n] has {c} left.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} are gone?", f"How many {obj} did [n] lose?",
+                f"How many {obj} were taken?", f"How many {obj} did [n] give away?"])
+    reading = f"{a} - ? = {c}"
+    return story, q, reading
+
+
+def tell_combine_part(w):
+    """Combine, a part unknown: "There are 13 cups. 5 are red. The rest are blue. How many are blue?" 5 + ? = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c, a = a, b   # c in all, a of one kind: ? = c - a
+    c1, c2 = rng.sample(COLOURS, 2)
+    story = w.pick([[f"[n] and [m] have {c} {obj} in all.", f"[n!] has {a}."],
+                    [f"There are {c} {obj}.", f"{a} of them are {c1}.", f"The rest are {c2}."],
+                    [f"There are {c} {obj} in the {rng.choice(PLACES)}.", f"{a} are {c1} and the rest are {c2}."],
+                    [f"[n] has {c} {obj}.", f"{a} of them are {c1}."]])
+    q = (f"How many does [m!] have?" if "in all" in story[0] else
+         w.pick([f"How many {obj} are {c2}?", f"How many are {c2}?", f"How many {c2} {obj} are there?",
+                 f"How many {obj} are not {c1}?"]))
+    reading = f"{a} + ? = {c}"
+    return story, q, reading
+
+
+def tell_compare_fewer(w):
+    """Compare, the smaller unknown: "Tom has 13. Ann has 5 fewer than Tom. How many has Ann?" 13 - 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[m] has {b} fewer {obj} than [n!].",
+                     f"[m] has {b} fewer than [n!].",
+                     f"[m] has {b} less than [n!] does.",
+                     f"[m] {w.have()} {b} fewer {obj} than [n!] {w.have()}."])]
+    q = f"How many {obj} does [m!] have?"
+    reading = f"{a} - {b} = ?"
+    return story, q, reading
+
+
+def tell_compare_difference(w):
+    """Compare, the difference unknown, either number first: "How many more has Ann?" 13 - 8 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
+    big, small = ("n", "m") if x > y else ("m", "n")
+    story = [w.pick([f"[n] {w.have()} {x} {obj}. [m] {w.have()} {y} {obj}.",
+                     f"[n] {w.have()} {x} {obj} and [m] {w.have()} {y}.",
+                     f"[n] read {x} pages. [m] read {y} pages.",
+                     f"[n] {w.gain()} {x} {obj}. [m] {w.gain()} {y}."])]
+    q = w.pick([f"How many more {obj} does [{big}!] have than [{small}!]?",
+                f"How many fewer {obj} does [{small}!] have than [{big}!]?",
+                f"How many more does [{big}!] have?", f"What is the difference between them?"])
+    if "pages" in story[0]:
+        q = f"How many more pages did [{big}!] read?"
+    if rng.random() < 0.25:   # a measure, not a count
+        verb, unit, more, less = w.pick([("weighs", "pounds", "heavier", "lighter"),
+                                         ("is", "inches tall", "taller", "shorter"),
+                                         ("runs", "miles", "farther", "less far"),
+                                         ("is", "years old", "older", "younger")])
+        story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
+        q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
+                        f"How much {less} is [{small}!] than [{big}!]?"])
+        if verb == "runs":
+            q = f"How much farther does [{big}!] run than [{small}!]?"
+    reading = f"{x} - {y} = ?" if x > y else f"{x} + ? = {y}"
+    return story, q, reading
+
+
+def tell_groups(w, price=False):
+    """Equal groups or a price, the product unknown: "4 boxes with 6 in each", "each costs $6; she buys 4": 4 x 6 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = rng.randint(2, 9), rng.randint(2, 9)   # a groups of b
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    story = [w.pick([f"[n] {w.have()} {a} {places} with {b} {obj} in each.",
+                     f"There are {a} {places}. Each {place} holds {b} {obj}.",
+                     f"[n] makes {a} piles of {b} {obj}.",
+                     f"Each {place} has {b} {obj}. There are {a} {places}.",
+                     f"[n] {w.gain()} {b} {obj} every day for {a} days.",
+                     f"Each child has {b} {obj}. There are {a} children."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                f"How many {obj} in total?", f"How many {obj} is that?"])
+    if price:
+        item = rng.choice(OBJECTS)
+        story = [w.pick([f"Each of the {item} costs ${b}.", f"{item.capitalize()} cost ${b} each.",
+                         f"One of the {item} costs {b} dollars.", f"The {item} are ${b} each."]),
+                 f"[n] {w.tensed('buys', 'bought')} {a} of them."]
+        q = w.pick([f"How much money does [n] spend?", f"How much does [n] pay?",
+                    f"How many dollars did [n] spend?", f"How much do {a} {item} cost?"])
+    if rng.random() < 0.25:
+        story = [w.pick([f"There are {b} {obj} in each {place}.", f"Each {place} has {b} {obj}.",
+                         f"One {place} holds {b} {obj}.", f"[n] puts {b} {obj} in every {place}."])]
+        q = w.pick([f"How many {obj} are in {a} {places}?", f"How many {obj} are there in {a} {places}?",
+                    f"How many {obj} do {a} {places} hold?", f"How many {obj} will {a} {places} have?"])
+    if "[n]" not in " ".join(story) and "[n]" in q:
+        q = f"How many {obj} are there in all?"
+    reading = f"{a} x {b} = ?"
+    return story, q, reading
+
+
+def tell_share(w, bags=False):
+    """Sharing (the group's size unknown) or bags (the number of groups unknown): 24 / 6 = ?"""
+    rng, obj = w.rng, w.obj
+    k, d = rng.randint(2, 9), rng.randint(2, 9)
+    t = k * d
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    if not bags:   # t shared among d: each gets ?
+        story = [w.pick([f"[n] shares {t} {obj} equally among {d} friends.",
+                         f"{t} {obj} are put into {d} equal groups.",
+                         f"[n] has {t} {obj} in {d} {places}, the same number in each.",
+                         f"[n] splits {t} {obj} evenly between {d} {places}.",
+                         f"{t} {obj} are shared by {d} children equally."])]
+        q = w.pick([f"How many {obj} does each get?", f"How many {obj} are in each?",
+                    f"How many {obj} go in each {place}?", f"How many {obj} is that for each?"])
+    else:   # t in bags of d: ? bags
+        story = [w.pick([f"[n] packs {t} {obj} into {places} of {d}.",
+                         f"There are {t} {obj}. Each {place} holds {d}.",
+                         f"[n] puts {d} {obj} in each {place} and has {t} {obj}.",
+                         f"{t} {obj} are put in {places}, {d} in each.",
+                         f"Each {place} holds {d} {obj}. There are {t} {obj}."])]
+        q = w.pick([f"How many {places} does [n] fill?", f"How many {places} are needed?",
+                    f"How many {places} are there?", f"How many {places} can be filled?"])
+    if "[n]" not in " ".join(story) and "[n]" in q:
+        q = f"How many {places} are needed?"
+    reading = f"{t} / {d} = ?"
+    return story, q, reading
+
+
+def tell_sum(w):
+    """A bare sum of two numbers up to 999, no story."""
+    rng = w.rng
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    story, q = [], rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_changes(w, steps=None):
+    """Two or more gains and losses in a row: "She has 12. She gets 5 more, then loses 3." 12 + 5 - 3 = ?"""
+    rng, obj = w.rng, w.obj
+    steps = steps or rng.randint(2, 3)
+    s = rng.randint(5, 60)
+    story, chain, joined = [f"[n] {w.have()} {s} {obj}."], str(s), False
+    for i in range(steps):
+        if s > 8 and (s > 150 or rng.random() < 0.5):
+            x = rng.randint(1, min(s - 1, 60))
+            said = f"{w.lose()} {x}" + rng.choice(["", " of them", f" {obj}"])
+            chain += f" - {x}"; s -= x
         else:
-            a, op2, b = int(x), "-", c
-        work, ans = column_working(a, op2, b)
-        return f"? = {a} {op2} {b}. " + work, ans
-    t = lhs.split()
-    if len(t) == 3:
-        a, op, b = int(t[0]), t[1], int(t[2])
-        if op == "x":
-            return times_working(a, b)
-        if op == "/":
-            return divide_working(a, b)
-        return column_working(a, op, b)
-    # a chain: step k is headed by the chain up to it ("34 + 12 - 22: 46 - 22: ..."), so the next number
-    # is a short copy from the header before, not a count along the chain (without the headers some
-    # 10-minute runs never learned multi-step problems)
-    works, s, head = [], int(t[0]), t[0]
-    for op, x in zip(t[1::2], map(int, t[2::2])):
-        head_before = head
-        head += f" {op} {x}"
-        w, s = times_working(s, x) if op == "x" else column_working(s, op, x)
-        works.append(f"{head}: {w}" if works or head_before != t[0] else w)
-    return " ".join(works), s
+            x = rng.randint(2, 60)
+            said = f"{w.gain()} {x} more" + rng.choice(["", f" {obj}"])
+            chain += f" + {x}"; s += x
+        if i and not joined and rng.random() < 0.4:   # two changes in one sentence
+            story[-1] = story[-1][:-1] + rng.choice([" and ", " and then ", " but ", ", then "]) + said + "."
+            joined = True
+        else:
+            then = "Then " if i and rng.random() < 0.5 else ""
+            story.append(f"{then}[n] {said}.")
+            joined = False
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have left?",
+                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in the end?"])
+    reading = chain + " = ?"
+    return story, q, reading
+
+
+def tell_combine3(w):
+    """Three amounts put together: "Tom has 5, Ann 7 and Sam 2." 5 + 7 + 2 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b, c = (rng.randint(2, 60) for _ in range(3))
+    story = [w.pick([f"[n] {w.gain()} {a} {obj}, [m] {w.gain()} {b} and [o] {w.gain()} {c}.",
+                     f"[n] has {a} {obj}. [m] has {b}. [o] has {c}.",
+                     f"There are {a} red, {b} blue and {c} green {obj}.",
+                     f"[n] {w.gain()} {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} altogether?", f"How many {obj} in total?",
+                f"What is the total number of {obj}?"])
+    reading = f"{a} + {b} + {c} = ?"
+    return story, q, reading
+
+
+def tell_groups_change(w):
+    """Equal groups, then a gain or a loss: "4 bags of 6; she eats 3." 4 x 6 - 3 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    story = [f"[n] {w.have()} {a} {places} with {b} {obj} in each."]
+    if rng.random() < 0.5:
+        c = rng.randint(1, a * b - 1)
+        story.append(f"[n] {w.lose()} {c} {obj}.")
+        reading = f"{a} x {b} - {c} = ?"
+    else:
+        c = rng.randint(2, 60)
+        story.append(f"[n] {w.gain()} {c} more {obj}.")
+        reading = f"{a} x {b} + {c} = ?"
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are there now?",
+                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in all?"])
+    return story, q, reading
+
+
+STORIES = {   # schema: the function that tells it
+    "join": tell_join, "separate-start": tell_separate_start, "combine": tell_combine,
+    "compare-more": tell_compare_more, "separate": tell_separate, "join-change": tell_join_change,
+    "join-start": tell_join_start, "separate-change": tell_separate_change, "combine-part": tell_combine_part,
+    "compare-fewer": tell_compare_fewer, "compare-difference": tell_compare_difference,
+    "groups": tell_groups, "price": lambda w: tell_groups(w, price=True),
+    "share": tell_share, "bags": lambda w: tell_share(w, bags=True), "sum": tell_sum,
+    "changes": tell_changes, "combine3": tell_combine3, "groups-change": tell_groups_change}
+FOLDS = {"join", "separate", "changes"}   # schemas whose last sentence may become "If ..., how many ...?"
 
 
 def make_problem(rng, family, steps=None, held=False):
     """One problem: its question, working and answer, the schema of its story, the operand pairs it
-    adds or subtracts and the multiplication facts it uses (the held-out splits are decided on these)."""
+    adds or subtracts and the multiplication facts it uses (the held-out splits are decided on these).
+    steps asks for a chain of that many gains and losses."""
     w = Teller(rng, held)
-    obj = rng.choice(OBJECTS)
-    tense = rng.randint(0, 1)   # 0 present, 1 past
-    have = lambda: w.pick(HAVE)[tense]
-    gain = lambda: w.pick(GAIN)[tense]
-    lose = lambda: w.pick(LOSE)[tense]
-    lost, got = lambda: w.pick(LOSE)[1], lambda: w.pick(GAIN)[1]
     schema = rng.choice(SCHEMAS[family])
-    pairs, facts, fold = [], [], False   # fold: the last sentence may become "If ..., how many ...?"
-    if family in ("add", "take"):
-        a, b = number_pair(rng)
-    if schema == "join":
-        b = rng.randint(1, 99) if a > 99 else b
-        story = [f"[n] {have()} {a} {obj}.",
-                 w.pick([f"[n] {gain()} {b} more.",
-                         f"[m] {'gives' if tense == 0 else 'gave'} [n1] {b} more {obj}.",
-                         f"Then [n] {gain()} {b} more {obj}.",
-                         f"[n] {gain()} another {b}.",
-                         f"{b} more {obj} {'are' if tense == 0 else 'were'} added.",
-                         f"[n2] {rng.choice(RELATIVES)} {'gives' if tense == 0 else 'gave'} [n1] {b} more.",
-                         f"[n] {gain()} {b} more {obj} and [m] {gain()} none."])]
-        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have in all?",
-                    f"How many {obj} does [n] end with?", f"How many {obj} are there now?",
-                    f"How many {obj} does [n] have altogether?", f"What is the total number of {obj} now?"])
-        if rng.random() < 0.3:
-            place = rng.choice(PLACES)
-            story, q = w.in_a_place(a, obj, place, tense, [
-                f"[n] puts {b} more {obj} in the {place}.", f"[n] {gain()} {b} more and puts them in.",
-                f"[n] adds {b} {obj} to the {place}.", f"{b} more {obj} are put in the {place}."], [
-                f"How many {obj} are in the {place} now?", f"How many {obj} are in the {place} in all?",
-                f"How many {obj} does the {place} hold now?", f"How many {obj} are there in the {place} now?"],
-                ["at first.", "before.", "to begin with.", "already."])
-        reading, fold = f"{a} + {b} = ?", True
-        pairs.append((a, b))
-    elif schema == "separate-start":
-        c = a - b   # had ?, lost b, c left: ? = c + b
-        story = [f"[n] had some {obj}.", f"[n] {lost()} {b} of them.",
-                 w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
-                         f"[n] still has {c}.", f"There are {c} {obj} left now."])]
-        q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
-                    f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
-        reading = f"? - {b} = {c}"
-        pairs.append((c, b))
-    elif schema == "combine":
-        b = rng.randint(1, 99) if a > 99 else b
-        c1, c2 = rng.sample(COLOURS, 2)
-        story = [w.pick([f"[n] {have()} {a} {obj} and [m] {have()} {b} {obj}.",
-                         f"[n] {gain()} {a} {obj}. [m] {gain()} {b} {obj}.",
-                         f"There are {a} {c1} {obj} and {b} {c2} {obj} in the {rng.choice(PLACES)}.",
-                         f"[n] {gain()} {a} {obj} and [m] {gain()} {b}.",
-                         f"A {rng.choice(PLACES)} holds {a} {c1} {obj} and {b} {c2} {obj}."])]
-        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
-                    f"How many {obj} in total?", f"How many {obj} are there together?",
-                    f"What is the total number of {obj}?", f"How many {obj} do they have together?",
-                    f"How many {obj} do they have in all?", f"How many {obj} did they get in total?"])
-        reading = f"{a} + {b} = ?"
-        pairs.append((a, b))
-    elif schema == "compare-more":
-        b = rng.randint(1, 99) if a > 99 else b
-        story = [f"[n] {have()} {a} {obj}.",
-                 w.pick([f"[m] has {b} more {obj} than [n!].",
-                         f"[m] has {b} more than [n!].",
-                         f"[m] has {b} {obj} more than [n!] does.",
-                         f"[m] {have()} {b} more {obj} than [n!] {have()}."])]
-        q = f"How many {obj} does [m!] have?"
-        reading = f"{a} + {b} = ?"
-        pairs.append((a, b))
-    elif schema == "separate":
-        story = [f"[n] {have()} {a} {obj}.",
-                 w.pick([f"[n] {lose()} {b}.", f"[n] {lose()} {b} of them.",
-                         f"Then [n] {lose()} {b} {obj}.",
-                         f"[n] {'gives' if tense == 0 else 'gave'} {b} {obj} to [m].",
-                         f"[m] {'takes' if tense == 0 else 'took'} {b} of them away.",
-                         f"[n] {lose()} {b} {obj} at school.", f"[m] bought {b} of [n2] {obj}.",
-                         f"[m] took {b} of [n2] {obj}."])]
-        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
-                    f"How many {obj} does [n] have left?", f"How many {obj} remain?",
-                    f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
-        if rng.random() < 0.3:
-            place = rng.choice(PLACES)
-            story, q = w.in_a_place(a, obj, place, tense, [
-                f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
-                f"[n] {lost()} {b} of them.", f"{b} {obj} were taken from the {place}."], [
-                f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
-                f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"],
-                ["at first.", "before.", "to begin with.", "originally."])
-        reading, fold = f"{a} - {b} = ?", True
-        pairs.append((a, b))
-    elif schema == "join-change":
-        c, a = a, a - b   # had a, got ?, now c: ? = c - a
-        story = [f"[n] had {a} {obj}.",
-                 w.pick([f"[n] got some more.", f"[m] gave [n1] some more.",
-                         f"[n] found some more {obj}.",
-                         f"[n2] {rng.choice(RELATIVES)} gave [n1] some more."]),
-                 w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
-                         f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
-        q = w.pick([f"How many {obj} did [n] get?", f"How many more {obj} did [n] get?",
-                    f"How many {obj} were added?", f"How many {obj} did [n] receive?"])
-        if rng.random() < 0.3:   # or the wish: "how many more does she need to have c?"
-            story = [f"[n] has {a} {obj}."]
-            q = w.pick([f"How many more {obj} does [n] need to have {c}?",
-                        f"How many more {obj} does [n] need to get to {c}?",
-                        f"How many more {obj} must [n] find to have {c} {obj}?",
-                        f"How many more {obj} does [n] have to collect to have {c}?"])
-        reading = f"{a} + ? = {c}"
-        pairs.append((c, a))
-    elif schema == "join-start":
-        c = a   # had ?, got b, now c: ? = c - b
-        story = [f"[n] had some {obj}.", f"[n] {got()} {b} more.",
-                 w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
-                         f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
-        q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
-                    f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
-        reading = f"? + {b} = {c}"
-        pairs.append((c, b))
-    elif schema == "separate-change":
-        c = a - b   # had a, lost ?, c left: ? = a - c
-        story = [f"[n] had {a} {obj}.",
-                 w.pick([f"[n] gave some to [m].", f"[n] lost some of them.",
-                         f"[n] sold some {obj}.", f"Some of them were eaten."]),
-                 w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
-                         f"[n] has {c} left.", f"Now there are {c} {obj}."])]
-        q = w.pick([f"How many {obj} are gone?", f"How many {obj} did [n] lose?",
-                    f"How many {obj} were taken?", f"How many {obj} did [n] give away?"])
-        reading = f"{a} - ? = {c}"
-        pairs.append((a, c))
-    elif schema == "combine-part":
-        c, a = a, b   # c in all, a of one kind: ? = c - a
-        c1, c2 = rng.sample(COLOURS, 2)
-        story = w.pick([[f"[n] and [m] have {c} {obj} in all.", f"[n!] has {a}."],
-                        [f"There are {c} {obj}.", f"{a} of them are {c1}.", f"The rest are {c2}."],
-                        [f"There are {c} {obj} in the {rng.choice(PLACES)}.", f"{a} are {c1} and the rest are {c2}."],
-                        [f"[n] has {c} {obj}.", f"{a} of them are {c1}."]])
-        q = (f"How many does [m!] have?" if "in all" in story[0] else
-             w.pick([f"How many {obj} are {c2}?", f"How many are {c2}?", f"How many {c2} {obj} are there?",
-                     f"How many {obj} are not {c1}?"]))
-        reading = f"{a} + ? = {c}"
-        pairs.append((c, a))
-    elif schema == "compare-fewer":
-        story = [f"[n] {have()} {a} {obj}.",
-                 w.pick([f"[m] has {b} fewer {obj} than [n!].",
-                         f"[m] has {b} fewer than [n!].",
-                         f"[m] has {b} less than [n!] does.",
-                         f"[m] {have()} {b} fewer {obj} than [n!] {have()}."])]
-        q = f"How many {obj} does [m!] have?"
-        reading = f"{a} - {b} = ?"
-        pairs.append((a, b))
-    elif schema == "compare-difference":
-        a, b = number_pair(rng)
-        x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
-        big, small = ("n", "m") if x > y else ("m", "n")
-        story = [w.pick([f"[n] {have()} {x} {obj}. [m] {have()} {y} {obj}.",
-                         f"[n] {have()} {x} {obj} and [m] {have()} {y}.",
-                         f"[n] read {x} pages. [m] read {y} pages.",
-                         f"[n] {gain()} {x} {obj}. [m] {gain()} {y}."])]
-        q = w.pick([f"How many more {obj} does [{big}!] have than [{small}!]?",
-                    f"How many fewer {obj} does [{small}!] have than [{big}!]?",
-                    f"How many more does [{big}!] have?", f"What is the difference between them?"])
-        if "pages" in story[0]:
-            q = f"How many more pages did [{big}!] read?"
-        if rng.random() < 0.25:   # a measure, not a count
-            verb, unit, more, less = w.pick([("weighs", "pounds", "heavier", "lighter"),
-                                             ("is", "inches tall", "taller", "shorter"),
-                                             ("runs", "miles", "farther", "less far"),
-                                             ("is", "years old", "older", "younger")])
-            story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
-            q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
-                            f"How much {less} is [{small}!] than [{big}!]?"])
-            if verb == "runs":
-                q = f"How much farther does [{big}!] run than [{small}!]?"
-        reading = f"{x} - {y} = ?" if x > y else f"{x} + ? = {y}"
-        pairs.append((a, b))
-    elif schema in ("groups", "price"):
-        a, b = rng.randint(2, 9), rng.randint(2, 9)   # a groups of b
-        place = rng.choice(PLACES)
-        places = PLURAL.get(place, place + "s")
-        story = [w.pick([f"[n] {have()} {a} {places} with {b} {obj} in each.",
-                         f"There are {a} {places}. Each {place} holds {b} {obj}.",
-                         f"[n] makes {a} piles of {b} {obj}.",
-                         f"Each {place} has {b} {obj}. There are {a} {places}.",
-                         f"[n] {gain()} {b} {obj} every day for {a} days.",
-                         f"Each child has {b} {obj}. There are {a} children."])]
-        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
-                    f"How many {obj} in total?", f"How many {obj} is that?"])
-        if schema == "price":
-            item = rng.choice(OBJECTS)
-            story = [w.pick([f"Each of the {item} costs ${b}.", f"{item.capitalize()} cost ${b} each.",
-                             f"One of the {item} costs {b} dollars.", f"The {item} are ${b} each."]),
-                     f"[n] {'buys' if tense == 0 else 'bought'} {a} of them."]
-            q = w.pick([f"How much money does [n] spend?", f"How much does [n] pay?",
-                        f"How many dollars did [n] spend?", f"How much do {a} {item} cost?"])
-        if rng.random() < 0.25:
-            story = [w.pick([f"There are {b} {obj} in each {place}.", f"Each {place} has {b} {obj}.",
-                             f"One {place} holds {b} {obj}.", f"[n] puts {b} {obj} in every {place}."])]
-            q = w.pick([f"How many {obj} are in {a} {places}?", f"How many {obj} are there in {a} {places}?",
-                        f"How many {obj} do {a} {places} hold?", f"How many {obj} will {a} {places} have?"])
-        if "[n]" not in " ".join(story) and "[n]" in q:
-            q = f"How many {obj} are there in all?"
-        if rng.random() < 0.15:
-            story, q, schema = [], f"What is {a} x {b}?", "bare"
-        reading = f"{a} x {b} = ?"
-        facts.append((a, b))
-    elif schema in ("share", "bags"):
-        k, d = rng.randint(2, 9), rng.randint(2, 9)
-        t = k * d
-        place = rng.choice(PLACES)
-        places = PLURAL.get(place, place + "s")
-        if schema == "share":   # t shared among d: each gets ?
-            story = [w.pick([f"[n] shares {t} {obj} equally among {d} friends.",
-                             f"{t} {obj} are put into {d} equal groups.",
-                             f"[n] has {t} {obj} in {d} {places}, the same number in each.",
-                             f"[n] splits {t} {obj} evenly between {d} {places}.",
-                             f"{t} {obj} are shared by {d} children equally."])]
-            q = w.pick([f"How many {obj} does each get?", f"How many {obj} are in each?",
-                        f"How many {obj} go in each {place}?", f"How many {obj} is that for each?"])
-        else:   # t in bags of d: ? bags
-            story = [w.pick([f"[n] packs {t} {obj} into {places} of {d}.",
-                             f"There are {t} {obj}. Each {place} holds {d}.",
-                             f"[n] puts {d} {obj} in each {place} and has {t} {obj}.",
-                             f"{t} {obj} are put in {places}, {d} in each.",
-                             f"Each {place} holds {d} {obj}. There are {t} {obj}."])]
-            q = w.pick([f"How many {places} does [n] fill?", f"How many {places} are needed?",
-                        f"How many {places} are there?", f"How many {places} can be filled?"])
-        if "[n]" not in " ".join(story) and "[n]" in q:
-            q = f"How many {places} are needed?"
-        if rng.random() < 0.15:
-            story, q, schema = [], f"What is {t} / {d}?", "bare"
-        reading = f"{t} / {d} = ?"
-        facts.append((k, d))
-    elif schema == "sum":
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        story, q = [], rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
-        reading = f"{a} + {b} = ?"
-        pairs.append((a, b))
-    elif schema == "changes" or steps:   # a chain of gains and losses
-        schema, steps = "changes", steps or rng.randint(2, 3)
-        s = rng.randint(5, 60)
-        story, chain, joined = [f"[n] {have()} {s} {obj}."], str(s), False
-        for i in range(steps):
-            if s > 8 and (s > 150 or rng.random() < 0.5):
-                x = rng.randint(1, min(s - 1, 60))
-                said = f"{lose()} {x}" + rng.choice(["", " of them", f" {obj}"])
-                pairs.append((s, x)); chain += f" - {x}"; s -= x
-            else:
-                x = rng.randint(2, 60)
-                said = f"{gain()} {x} more" + rng.choice(["", f" {obj}"])
-                pairs.append((s, x)); chain += f" + {x}"; s += x
-            if i and not joined and rng.random() < 0.4:   # two changes in one sentence
-                story[-1] = story[-1][:-1] + rng.choice([" and ", " and then ", " but ", ", then "]) + said + "."
-                joined = True
-            else:
-                then = "Then " if i and rng.random() < 0.5 else ""
-                story.append(f"{then}[n] {said}.")
-                joined = False
-        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have left?",
-                    f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in the end?"])
-        reading, fold = chain + " = ?", True
-    elif schema == "combine3":
-        a, b, c = (rng.randint(2, 60) for _ in range(3))
-        story = [w.pick([f"[n] {gain()} {a} {obj}, [m] {gain()} {b} and [o] {gain()} {c}.",
-                         f"[n] has {a} {obj}. [m] has {b}. [o] has {c}.",
-                         f"There are {a} red, {b} blue and {c} green {obj}.",
-                         f"[n] {gain()} {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday."])]
-        q = w.pick([f"How many {obj} are there in all?", f"How many {obj} altogether?", f"How many {obj} in total?",
-                    f"What is the total number of {obj}?"])
-        reading = f"{a} + {b} + {c} = ?"
-        pairs += [(a, b), (a + b, c)]
-    elif schema == "groups-change":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        place = rng.choice(PLACES)
-        places = PLURAL.get(place, place + "s")
-        story = [f"[n] {have()} {a} {places} with {b} {obj} in each."]
-        if rng.random() < 0.5:
-            c = rng.randint(1, a * b - 1)
-            story.append(f"[n] {lose()} {c} {obj}.")
-            reading = f"{a} x {b} - {c} = ?"
-        else:
-            c = rng.randint(2, 60)
-            story.append(f"[n] {gain()} {c} more {obj}.")
-            reading = f"{a} x {b} + {c} = ?"
-        q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are there now?",
-                    f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in all?"])
-        facts.append((a, b)); pairs.append((a * b, c))
-    else:
-        raise ValueError(family)
-    if obj == "dollars" and rng.random() < 0.5:
+    if steps:
+        schema = "changes"
+    story, q, reading = tell_changes(w, steps) if schema == "changes" else STORIES[schema](w)
+    if schema in ("groups", "price", "share", "bags") and rng.random() < 0.15:   # the bare sum: "What is 6 x 7?"
+        story, q, schema = [], f"What is {reading.split(' = ')[0]}?", "bare"
+    if w.obj == "dollars" and rng.random() < 0.5:
         q = q.replace("How many dollars", "How much money")
-    if fold and rng.random() < 0.3:   # "If she gives away 5, how many apples does she have left?"
+    if schema in FOLDS and rng.random() < 0.3:   # "If she gives away 5, how many apples does she have left?"
         last = story.pop()
         q = "If " + lower_first(last[:-1]) + ", " + lower_first(q)
     if story and rng.random() < 0.3:   # a fact the question does not need, as real problems have
-        other = rng.choice([o for o in OBJECTS if o != obj])
+        other = rng.choice([o for o in OBJECTS if o != w.obj])
         extra = w.pick([f"[n] also has {rng.randint(2, 30)} {other}.",
                         f"[m!] has {rng.randint(2, 30)} {other}.",
                         f"There are {rng.randint(2, 30)} {other} too.",
                         f"[n!] is {rng.randint(6, 12)} years old."])
         story.insert(rng.randint(1, len(story)), extra)
     q = w.render(" ".join(story + [q]), w.people())
-    work, ans = solve(reading)
+    work, ans, done = solve(reading)
+    pairs = [(a, b) for a, op, b in done if op in "+-"]
+    facts = [(a, b) if op == "x" else (a // b, b) for a, op, b in done if op in "x/"]   # 24 / 6 uses 4 x 6
     if family == "compare":   # which is more, digit by digit, before the reading that depends on it
         x, y = map(int, re.findall(r"\d+", reading))
         work = which_is_more(x, y) + " " + f"{reading}. " + work
     else:
         work = f"{reading}. " + work
-    steps = steps or len(reading.split(" = ")[0].split()) // 2   # operations in the reading
+    steps = steps or len(done)
     if len(q) + len(work) + len(str(ans)) + 16 > MAX_PROBLEM_CHARS and (family != "multistep" or steps < 4):
         return make_problem(rng, family, steps if family == "multistep" else None, held)   # too long: draw again
     return dict(question=q, working=work, answer=ans, family=family, schema=schema, steps=steps,
                 pairs=pairs, facts=facts, held=held)
-
 
 
 def lower_first(sentence):

@@ -126,7 +126,9 @@ def test_compare_says_which_is_more_then_subtracts_in_the_question_order():
             last = signs[-1][1]
             assert last == ("<" if x < y else ">" if x > y else "=")
     # an unknown inside the reading is moved to the left, then computed in the bigger number's order
-    assert T.solve("29 + ? = 33") == ("? = 33 - 29. 33 - 29: 13 - 9 = 4, 3 - 1 - 2 = 0, so 33 - 29 = 04 = 4.", 4)
+    assert T.solve("29 + ? = 33") == ("? = 33 - 29. 33 - 29: 13 - 9 = 4, 3 - 1 - 2 = 0, so 33 - 29 = 04 = 4.", 4,
+                                      [(33, "-", 29)])   # the operation the working performs, for the splits
+    assert T.solve("4 x 6 - 3 = ?")[1:] == (21, [(4, "x", 6), (24, "-", 3)])
     assert T.solve("? - 5 = 21")[1] == 26 and T.solve("40 - ? = 13")[0].startswith("? = 40 - 13. ")
     assert T.solve("? + 8 = 30")[0].startswith("? = 30 - 8. ")
     assert T.read_off(["4", "0"], 4) == "04 = 4" and T.read_off(["4", "2"], 24) == "24"
