@@ -426,11 +426,13 @@ class Teller:
             said.add(key); last, pos = key, mt.end()
         return "".join(out) + text[pos:]
 
+
 def number_pair(rng):
     """Two numbers for one addition or subtraction: mostly up to 99, sometimes up to 999."""
     top = 999 if rng.random() < 0.2 else 99
     a = rng.randint(5, top)
     return a, rng.randint(1, a - 1)
+
 
 def tell_join(w):
     """Join, the result unknown: "Tom has 8 cards. He gets 5 more. How many now?" 8 + 5 = ?"""
@@ -474,319 +476,6 @@ def tell_separate_start(w):
     return story, q, reading
 
 
-def tell_combine(w):
-    """Combine, the total unknown: "Tom has 8 and Ann has 5. How many in all?" 8 + 5 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    b = rng.randint(1, 99) if a > 99 else b
-    c1, c2 = rng.sample(COLOURS, 2)
-    story = [w.pick([f"[n] {w.have()} {a} {obj} and [m] {w.have()} {b} {obj}.",
-                     f"[n] {w.gain()} {a} {obj}. [m] {w.gain()} {b} {obj}.",
-                     f"There are {a} {c1} {obj} and {b} {c2} {obj} in the {rng.choice(PLACES)}.",
-                     f"[n] {w.gain()} {a} {obj} and [m] {w.gain()} {b}.",
-                     f"A {rng.choice(PLACES)} holds {a} {c1} {obj} and {b} {c2} {obj}."])]
-    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
-                f"How many {obj} in total?", f"How many {obj} are there together?",
-                f"What is the total number of {obj}?", f"How many {obj} do they have together?",
-                f"How many {obj} do they have in all?", f"How many {obj} did they get in total?"])
-    reading = f"{a} + {b} = ?"
-    return story, q, reading
-
-
-def tell_compare_more(w):
-    """Compare, the bigger unknown: "Tom has 8. Ann has 5 more than Tom. How many has Ann?" 8 + 5 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    b = rng.randint(1, 99) if a > 99 else b
-    story = [f"[n] {w.have()} {a} {obj}.",
-             w.pick([f"[m] has {b} more {obj} than [n!].",
-                     f"[m] has {b} more than [n!].",
-                     f"[m] has {b} {obj} more than [n!] does.",
-                     f"[m] {w.have()} {b} more {obj} than [n!] {w.have()}."])]
-    q = f"How many {obj} does [m!] have?"
-    reading = f"{a} + {b} = ?"
-    return story, q, reading
-
-
-def tell_separate(w):
-    """Separate, the result unknown: "Tom has 13. He gives away 5. How many are left?" 13 - 5 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    story = [f"[n] {w.have()} {a} {obj}.",
-             w.pick([f"[n] {w.lose()} {b}.", f"[n] {w.lose()} {b} of them.",
-                     f"Then [n] {w.lose()} {b} {obj}.",
-                     f"[n] {w.tensed('gives', 'gave')} {b} {obj} to [m].",
-                     f"[m] {w.tensed('takes', 'took')} {b} of them away.",
-                     f"[n] {w.lose()} {b} {obj} at school.", f"[m] bought {b} of [n2] {obj}.",
-                     f"[m] took {b} of [n2] {obj}."])]
-    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
-                f"How many {obj} does [n] have left?", f"How many {obj} remain?",
-                f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
-    if rng.random() < 0.3:
-        place = rng.choice(PLACES)
-        story, q = w.in_a_place(a, place, [
-            f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
-            f"[n] {w.lost()} {b} of them.", f"{b} {obj} were taken from the {place}."], [
-            f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
-            f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"],
-            ["at first.", "before.", "to begin with.", "originally."])
-    reading = f"{a} - {b} = ?"
-    return story, q, reading
-
-
-def tell_join_change(w):
-    """Join, the change unknown: "She had 8. She got some more. Now she has 13. How many did she get?" 8 + ? = 13"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    c, a = a, a - b   # had a, got ?, now c: ? = c - a
-    story = [f"[n] had {a} {obj}.",
-             w.pick([f"[n] got some more.", f"[m] gave [n1] some more.",
-                     f"[n] found some more {obj}.",
-                     f"[n2] {rng.choice(RELATIVES)} gave [n1] some more."]),
-             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
-                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
-    q = w.pick([f"How many {obj} did [n] get?", f"How many more {obj} did [n] get?",
-                f"How many {obj} were added?", f"How many {obj} did [n] receive?"])
-    if rng.random() < 0.3:   # or the wish: "how many more does she need to have c?"
-        story = [f"[n] has {a} {obj}."]
-        q = w.pick([f"How many more {obj} does [n] need to have {c}?",
-                    f"How many more {obj} does [n] need to get to {c}?",
-                    f"How many more {obj} must [n] find to have {c} {obj}?",
-                    f"How many more {obj} does [n] have to collect to have {c}?"])
-    reading = f"{a} + ? = {c}"
-    return story, q, reading
-
-
-def tell_join_start(w):
-    """Join, the start unknown: "He had some. He got 5 more. Now he has 13. How many at first?" ? + 5 = 13"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    c = a   # had ?, got b, now c: ? = c - b
-    story = [f"[n] had some {obj}.", f"[n] {w.got()} {b} more.",
-             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
-                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
-    q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
-                f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
-    reading = f"? + {b} = {c}"
-    return story, q, reading
-
-
-def tell_separate_change(w):
-    """Separate, the change unknown: "She had 13. She sold some. 8 are left. How many are gone?" 13 - ? = 8"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    c = a - b   # had a, lost ?, c left: ? = a - c
-    story = [f"[n] had {a} {obj}.",
-             w.pick([f"[n] gave some to [m].", f"[n] lost some of them.",
-                     f"[n] sold some {obj}.", f"Some of them were eaten."]),
-             w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
-                     f"[n] has {c} left.", f"Now there are {c} {obj}."])]
-    q = w.pick([f"How many {obj} are gone?", f"How many {obj} did [n] lose?",
-                f"How many {obj} were taken?", f"How many {obj} did [n] give away?"])
-    reading = f"{a} - ? = {c}"
-    return story, q, reading
-
-
-def tell_combine_part(w):
-    """Combine, a part unknown: "There are 13 cups. 5 are red. The rest are blue. How many are blue?" 5 + ? = 13"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    c, a = a, b   # c in all, a of one kind: ? = c - a
-    c1, c2 = rng.sample(COLOURS, 2)
-    story = w.pick([[f"[n] and [m] have {c} {obj} in all.", f"[n!] has {a}."],
-                    [f"There are {c} {obj}.", f"{a} of them are {c1}.", f"The rest are {c2}."],
-                    [f"There are {c} {obj} in the {rng.choice(PLACES)}.", f"{a} are {c1} and the rest are {c2}."],
-                    [f"[n] has {c} {obj}.", f"{a} of them are {c1}."]])
-    q = (f"How many does [m!] have?" if "in all" in story[0] else
-         w.pick([f"How many {obj} are {c2}?", f"How many are {c2}?", f"How many {c2} {obj} are there?",
-                 f"How many {obj} are not {c1}?"]))
-    reading = f"{a} + ? = {c}"
-    return story, q, reading
-
-
-def tell_compare_fewer(w):
-    """Compare, the smaller unknown: "Tom has 13. Ann has 5 fewer than Tom. How many has Ann?" 13 - 5 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    story = [f"[n] {w.have()} {a} {obj}.",
-             w.pick([f"[m] has {b} fewer {obj} than [n!].",
-                     f"[m] has {b} fewer than [n!].",
-                     f"[m] has {b} less than [n!] does.",
-                     f"[m] {w.have()} {b} fewer {obj} than [n!] {w.have()}."])]
-    q = f"How many {obj} does [m!] have?"
-    reading = f"{a} - {b} = ?"
-    return story, q, reading
-
-
-def tell_compare_difference(w):
-    """Compare, the difference unknown, either number first: "How many more has Ann?" 13 - 8 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = number_pair(rng)
-    x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
-    big, small = ("n", "m") if x > y else ("m", "n")
-    story = [w.pick([f"[n] {w.have()} {x} {obj}. [m] {w.have()} {y} {obj}.",
-                     f"[n] {w.have()} {x} {obj} and [m] {w.have()} {y}.",
-                     f"[n] read {x} pages. [m] read {y} pages.",
-                     f"[n] {w.gain()} {x} {obj}. [m] {w.gain()} {y}."])]
-    q = w.pick([f"How many more {obj} does [{big}!] have than [{small}!]?",
-                f"How many fewer {obj} does [{small}!] have than [{big}!]?",
-                f"How many more does [{big}!] have?", f"What is the difference between them?"])
-    if "pages" in story[0]:
-        q = f"How many more pages did [{big}!] read?"
-    if rng.random() < 0.25:   # a measure, not a count
-        verb, unit, more, less = w.pick([("weighs", "pounds", "heavier", "lighter"),
-                                         ("is", "inches tall", "taller", "shorter"),
-                                         ("runs", "miles", "farther", "less far"),
-                                         ("is", "years old", "older", "younger")])
-        story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
-        q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
-                        f"How much {less} is [{small}!] than [{big}!]?"])
-        if verb == "runs":
-            q = f"How much farther does [{big}!] run than [{small}!]?"
-    reading = f"{x} - {y} = ?" if x > y else f"{x} + ? = {y}"
-    return story, q, reading
-
-
-def tell_groups(w, price=False):
-    """Equal groups or a price, the product unknown: "4 boxes with 6 in each", "each costs $6; she buys 4": 4 x 6 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = rng.randint(2, 9), rng.randint(2, 9)   # a groups of b
-    place = rng.choice(PLACES)
-    places = PLURAL.get(place, place + "s")
-    story = [w.pick([f"[n] {w.have()} {a} {places} with {b} {obj} in each.",
-                     f"There are {a} {places}. Each {place} holds {b} {obj}.",
-                     f"[n] makes {a} piles of {b} {obj}.",
-                     f"Each {place} has {b} {obj}. There are {a} {places}.",
-                     f"[n] {w.gain()} {b} {obj} every day for {a} days.",
-                     f"Each child has {b} {obj}. There are {a} children."])]
-    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
-                f"How many {obj} in total?", f"How many {obj} is that?"])
-    if price:
-        item = rng.choice(OBJECTS)
-        story = [w.pick([f"Each of the {item} costs ${b}.", f"{item.capitalize()} cost ${b} each.",
-                         f"One of the {item} costs {b} dollars.", f"The {item} are ${b} each."]),
-                 f"[n] {w.tensed('buys', 'bought')} {a} of them."]
-        q = w.pick([f"How much money does [n] spend?", f"How much does [n] pay?",
-                    f"How many dollars did [n] spend?", f"How much do {a} {item} cost?"])
-    if rng.random() < 0.25:
-        story = [w.pick([f"There are {b} {obj} in each {place}.", f"Each {place} has {b} {obj}.",
-                         f"One {place} holds {b} {obj}.", f"[n] puts {b} {obj} in every {place}."])]
-        q = w.pick([f"How many {obj} are in {a} {places}?", f"How many {obj} are there in {a} {places}?",
-                    f"How many {obj} do {a} {places} hold?", f"How many {obj} will {a} {places} have?"])
-    if "[n]" not in " ".join(story) and "[n]" in q:
-        q = f"How many {obj} are there in all?"
-    reading = f"{a} x {b} = ?"
-    return story, q, reading
-
-
-def tell_share(w, bags=False):
-    """Sharing (the group's size unknown) or bags (the number of groups unknown): 24 / 6 = ?"""
-    rng, obj = w.rng, w.obj
-    k, d = rng.randint(2, 9), rng.randint(2, 9)
-    t = k * d
-    place = rng.choice(PLACES)
-    places = PLURAL.get(place, place + "s")
-    if not bags:   # t shared among d: each gets ?
-        story = [w.pick([f"[n] shares {t} {obj} equally among {d} friends.",
-                         f"{t} {obj} are put into {d} equal groups.",
-                         f"[n] has {t} {obj} in {d} {places}, the same number in each.",
-                         f"[n] splits {t} {obj} evenly between {d} {places}.",
-                         f"{t} {obj} are shared by {d} children equally."])]
-        q = w.pick([f"How many {obj} does each get?", f"How many {obj} are in each?",
-                    f"How many {obj} go in each {place}?", f"How many {obj} is that for each?"])
-    else:   # t in bags of d: ? bags
-        story = [w.pick([f"[n] packs {t} {obj} into {places} of {d}.",
-                         f"There are {t} {obj}. Each {place} holds {d}.",
-                         f"[n] puts {d} {obj} in each {place} and has {t} {obj}.",
-                         f"{t} {obj} are put in {places}, {d} in each.",
-                         f"Each {place} holds {d} {obj}. There are {t} {obj}."])]
-        q = w.pick([f"How many {places} does [n] fill?", f"How many {places} are needed?",
-                    f"How many {places} are there?", f"How many {places} can be filled?"])
-    if "[n]" not in " ".join(story) and "[n]" in q:
-        q = f"How many {places} are needed?"
-    reading = f"{t} / {d} = ?"
-    return story, q, reading
-
-
-def tell_sum(w):
-    """A bare sum of two numbers up to 999, no story."""
-    rng = w.rng
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    story, q = [], rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
-    reading = f"{a} + {b} = ?"
-    return story, q, reading
-
-
-def tell_changes(w, steps=None):
-    """Two or more gains and losses in a row: "She has 12. She gets 5 more, then loses 3." 12 + 5 - 3 = ?"""
-    rng, obj = w.rng, w.obj
-    steps = steps or rng.randint(2, 3)
-    s = rng.randint(5, 60)
-    story, chain, joined = [f"[n] {w.have()} {s} {obj}."], str(s), False
-    for i in range(steps):
-        if s > 8 and (s > 150 or rng.random() < 0.5):
-            x = rng.randint(1, min(s - 1, 60))
-            said = f"{w.lose()} {x}" + rng.choice(["", " of them", f" {obj}"])
-            chain += f" - {x}"; s -= x
-        else:
-            x = rng.randint(2, 60)
-            said = f"{w.gain()} {x} more" + rng.choice(["", f" {obj}"])
-            chain += f" + {x}"; s += x
-        if i and not joined and rng.random() < 0.4:   # two changes in one sentence
-            story[-1] = story[-1][:-1] + rng.choice([" and ", " and then ", " but ", ", then "]) + said + "."
-            joined = True
-        else:
-            then = "Then " if i and rng.random() < 0.5 else ""
-            story.append(f"{then}[n] {said}.")
-            joined = False
-    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have left?",
-                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in the end?"])
-    reading = chain + " = ?"
-    return story, q, reading
-
-
-def tell_combine3(w):
-    """Three amounts put together: "Tom has 5, Ann 7 and Sam 2." 5 + 7 + 2 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b, c = (rng.randint(2, 60) for _ in range(3))
-    story = [w.pick([f"[n] {w.gain()} {a} {obj}, [m] {w.gain()} {b} and [o] {w.gain()} {c}.",
-                     f"[n] has {a} {obj}. [m] has {b}. [o] has {c}.",
-                     f"There are {a} red, {b} blue and {c} green {obj}.",
-                     f"[n] {w.gain()} {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday."])]
-    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} altogether?", f"How many {obj} in total?",
-                f"What is the total number of {obj}?"])
-    reading = f"{a} + {b} + {c} = ?"
-    return story, q, reading
-
-
-def tell_groups_change(w):
-    """Equal groups, then a gain or a loss: "4 bags of 6; she eats 3." 4 x 6 - 3 = ?"""
-    rng, obj = w.rng, w.obj
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    place = rng.choice(PLACES)
-    places = PLURAL.get(place, place + "s")
-    story = [f"[n] {w.have()} {a} {places} with {b} {obj} in each."]
-    if rng.random() < 0.5:
-        c = rng.randint(1, a * b - 1)
-        story.append(f"[n] {w.lose()} {c} {obj}.")
-        reading = f"{a} x {b} - {c} = ?"
-    else:
-        c = rng.randint(2, 60)
-        story.append(f"[n] {w.gain()} {c} more {obj}.")
-        reading = f"{a} x {b} + {c} = ?"
-    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are there now?",
-                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in all?"])
-    return story, q, reading
-
-
-STORIES = {   # schema: the function that tells it
-    "join": tell_join, "separate-start": tell_separate_start, "combine": tell_combine,
-    "compare-more": tell_compare_more, "separate": tell_separate, "join-change": tell_join_change,
-    "join-start": tell_join_start, "separate-change": tell_separate_change, "combine-part": tell_combine_part,
-    "compare-fewer": tell_compare_fewer, "compare-difference": tell_compare_difference,
-    "groups": tell_groups, "price": lambda w: tell_groups(w, price=True),
-    "share": tell_share, "bags": lambda w: tell_share(w, bags=True), "sum": tell_sum,
-    "changes": tell_changes, "combine3": tell_combine3, "groups-change": tell_groups_change}
 FOLDS = {"join", "separate", "changes"}   # schemas whose last sentence may become "If ..., how many ...?"
 
 
@@ -798,8 +487,9 @@ def make_problem(rng, family, steps=None, held=False):
     schema = rng.choice(SCHEMAS[family])
     if steps:
         schema = "changes"
+    # the story's sentences, its question and its reading; STORIES is the appendix's story catalogue
     story, q, reading = tell_changes(w, steps) if schema == "changes" else STORIES[schema](w)
-    if schema in ("groups", "price", "share", "bags") and rng.random() < 0.15:   # the bare sum: "What is 6 x 7?"
+    if schema in ("groups", "price", "share", "bags") and rng.random() < 0.15:   # no story: "What is 6 x 7?"
         story, q, schema = [], f"What is {reading.split(' = ')[0]}?", "bare"
     if w.obj == "dollars" and rng.random() < 0.5:
         q = q.replace("How many dollars", "How much money")
@@ -1185,79 +875,11 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------------------------
 # 4. Data
 # Training wants random windows of block_size + 1 token ids: x is the window without its last id,
-# y the window shifted by one (the next token at every position). User text is read as UTF-8 (a
-# byte-order mark is dropped, "\r\n" and "\r" become "\n"), tokenized once, and the ids are cached
-# on disk as a flat file of integers that is memory-mapped, so a big file is neither re-tokenized
-# every run nor held in memory. The thinking corpus also keeps a loss mask (1 on the answer's
-# tokens) and starts every window at the start of a problem, so the model always sees its question.
+# y the window shifted by one (the next token at every position). Your text is one long array of
+# ids (read and tokenized once, then memory-mapped from disk: read_text_files and cached_ids in the
+# appendix). The thinking corpus also keeps a loss mask (1 on the answer's tokens) and starts every
+# window at the start of a problem, so the model always sees its question.
 # -----------------------------------------------------------------------------------------------
-
-def read_text_files(paths):
-    """Texts of the given files (folders: their .txt and .md files), normalised. Refuses bad input."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
-                           if f.endswith((".txt", ".md")) and os.path.isfile(os.path.join(r, f)))
-            if not found:
-                raise UserError(f"folder {path} holds no .txt or .md files")
-            files += found
-        elif not os.path.exists(path):
-            raise UserError(f"data file {path} does not exist: give a UTF-8 text file or a folder of them")
-        elif not os.path.isfile(path):   # /dev/zero, a pipe, a socket: it could be read without end
-            raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a UTF-8 text "
-                            "file or a folder of them")
-        else:
-            files.append(path)
-    texts = []
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                raw = fh.read()
-        except OSError as e:
-            raise UserError(f"cannot read {f}: {e.strerror}")
-        if b"\0" in raw[:8192]:
-            raise UserError(f"{f} looks binary (it has NUL bytes): give a UTF-8 text file")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f} is not UTF-8 (bad byte at offset {e.start}): re-save it as UTF-8")
-        del raw   # a big file should not be held twice
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if text.strip():
-            texts.append(text)
-    if not texts:
-        raise UserError(f"the data ({', '.join(paths)}) is empty: give a file with some text in it")
-    return texts
-
-
-def cached_ids(texts, tokenizer, cache_dir):
-    """Token ids of the texts joined by END, cached on disk by a hash of the text and the tokenizer."""
-    step = 1 << 22   # 4M characters at a time keeps memory flat
-    h = zlib.crc32(tokenizer.to_json().encode())
-    for t in texts:
-        for i in range(0, len(t), step):
-            h = zlib.crc32(t[i:i + step].encode(), h)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.{np.dtype(dtype).name}.bin")
-    clear_stale_temporaries(cache_dir)
-    if not os.path.exists(path):
-        make_folder(cache_dir, "--cache-dir")
-        tmp, char = path + f".tmp{os.getpid()}", isinstance(tokenizer, CharTokenizer)
-        try:
-            with open(tmp, "wb") as f:   # raw ids, chunk by chunk: never a full-size array in memory
-                for text in texts:
-                    for i in range(0, len(text), step):
-                        chunk = text[i:i + step]
-                        ids = tokenizer.encode_array(chunk) if char else tokenizer.encode(chunk)
-                        f.write(np.asarray(ids, dtype=dtype).tobytes())
-                    f.write(np.array([tokenizer.end_id], dtype=dtype).tobytes())
-            os.replace(tmp, path)
-        finally:   # Ctrl-C, SIGTERM or an error while encoding: no half-written file stays behind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def corpus_arrays(problems, tokenizer, direct=False):
@@ -1319,12 +941,9 @@ def get_batch(data, batch_size, block_size, gen, device):
 # CPUs with bf16 units, matrix multiplies run in bfloat16 under autocast; the weights and the
 # optimizer stay in float32.
 # A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
-# nothing in it can run code. It is written to a temporary file and renamed into place, so a
-# crash never leaves half a checkpoint.
+# nothing in it can run code. save_checkpoint (appendix) writes it so that a crash never leaves
+# half of one; pick_dtype (appendix) decides whether bf16 pays on this machine.
 # -----------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "tinyllm-checkpoint"
-CHECKPOINT_VERSION = 2   # 2: rotary positions (version 1 had a learned table, wpe)
 
 
 def pick_device(name):
@@ -1337,23 +956,6 @@ def pick_device(name):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps was asked for, but MPS is not available here: use --device cpu or auto")
     return name
-
-
-def pick_dtype(name, device):
-    """bf16 autocast where it is supported and faster, else fp32. On CPU, a quick matmul race decides."""
-    if name != "auto" or device not in ("cpu", "cuda"):
-        return "fp32" if name == "auto" else name
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    speed = {}
-    for dt in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(1024, 192, dtype=dt), torch.randn(192, 768, dtype=dt)
-        a @ b
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        speed[dt] = time.perf_counter() - t
-    return "bf16" if speed[torch.bfloat16] < 0.8 * speed[torch.float32] else "fp32"
 
 
 def autocast(device, dtype):
@@ -1378,83 +980,6 @@ def make_optimizer(model, lr, weight_decay, device):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("wte")]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device == "cuda")
-
-
-def save_checkpoint(path, state):
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:   # a full disk: torch.save's writer raises RuntimeError
-        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
-        raise UserError(f"could not write {path}: {why}; any checkpoint that was there is intact")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def best_path(path):
-    return os.path.splitext(path)[0] + ".best.pt"
-
-
-def log_path(path):   # one JSON line per evaluation, beside the checkpoint
-    return os.path.splitext(path)[0] + ".log.jsonl"
-
-
-def sparkline(values):   # the validation loss so far, in one line of the terminal
-    bars = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    return "".join(bars[round((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
-
-
-def load_checkpoint(path):
-    """Load and check a checkpoint. weights_only=True: a file that tries to run code is refused."""
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one first with `python tinyllm.py train`, "
-                        "or point --checkpoint at one")
-    check_checkpoint_file(path)   # before anything is read from it (appendix)
-    try:   # mmap: the tensors stay in the file until used, so no claim in it allocates memory
-        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a loadable tinyllm checkpoint (corrupt, or it holds objects "
-                        f"that could run code, which are refused): {first[:200]}")
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a tinyllm checkpoint (it was made by another program)")
-    if ck.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path} has checkpoint format version {ck.get('version')}; "
-                        f"this tinyllm reads version {CHECKPOINT_VERSION}: train the model again with this version")
-    check_training_fields(ck, path)
-    return ck
-
-
-def model_from_checkpoint(ck, path="checkpoint"):
-    """Rebuild the tokenizer and the model, refusing any mismatch with a message."""
-    cfg = check_config(ck.get("config"), path)   # types and ranges, before anything is built (appendix)
-    try:
-        tokenizer = tokenizer_from_json(ck["tokenizer"])
-    except UserError as e:
-        raise UserError(f"{path}: {e}")
-    except Exception as e:   # the tokenizers library raises a bare Exception on a broken string
-        raise UserError(f"{path} has a broken tokenizer: {str(e)[:200] or type(e).__name__}")
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens "
-                        f"but its config says vocab_size={cfg.vocab_size}")
-    check_weights(ck.get("model"), cfg, path)   # keys, shapes and dtypes, against a model that is not built
-    model = GPT(cfg)
-    model.load_state_dict(ck["model"])
-    return model, tokenizer
-
-
-def model_from_file(path):
-    """The model and tokenizer of the checkpoint at path, checked as load_checkpoint checks it."""
-    return model_from_checkpoint(load_checkpoint(path), path)
 
 
 @dataclass
@@ -1498,8 +1023,8 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
     `probe(model)` (optional) returns (a line to print at each evaluation, an accuracy or None)."""
     from tqdm import tqdm
     device, dtype = meta["device"], meta["dtype"]
-    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()   # torchrun
-    rank = torch.distributed.get_rank() if ddp else 0
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()   # torchrun (appendix)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     model.to(device)
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
     gen = torch.Generator().manual_seed(settings.seed + rank)   # batches come from here (each rank its own)
@@ -1507,63 +1032,43 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
     step, elapsed, best_val, learned_at = 0, 0.0, float("inf"), None   # learned_at: tokens when the probe first passed LEARNED
     if resume_state is not None:   # appendix: the counters, the optimizer and the random streams as they were saved
         step, elapsed, best_val, learned_at = restore_training(resume_state, optimizer, gen, settings.seed, rank, device)
-    history, accuracy = [], None
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
     fwd = torch.compile(fwd) if settings.compile else fwd
     budget = settings.max_minutes * 60 if settings.max_minutes else float("inf")
-
-    def checkpoint(path, val_loss):
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "config": asdict(model.cfg), "tokenizer": tokenizer.to_json(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-            "best_val_loss": best_val, "val_loss": val_loss, "meta": meta, "tokens_to_learned": learned_at,
-            "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device == "cuda" else None}})
-
-    def stop_if_diverged(what, value):
-        if not math.isfinite(value):
-            raise UserError(f"the {what} is {value} at step {step}: training diverged; "
-                            f"try a lower --lr (now {settings.lr}); the last checkpoint is intact")
-
-    tokens_per_step = settings.batch_size * settings.grad_accum * model.cfg.block_size   # per rank
-    world = torch.distributed.get_world_size() if ddp else 1
-    start, t_last, steps_last, val_loss = time.perf_counter() - elapsed, time.perf_counter(), step, None
-    at_eval, at_start = (step, elapsed), step
+    tokens_per_step = settings.batch_size * settings.grad_accum * model.cfg.block_size * world
+    history, accuracy, val_loss, at_start = [], None, None, step
+    meter = Speedometer(step, elapsed, tokens_per_step)   # appendix: tokens/s for the bar and the log
     with StopOnSignal() as stop, tqdm(total=settings.max_iters if budget == float("inf") else None, initial=step,
                                       unit="step", dynamic_ncols=True, disable=True if rank else None,
                                       file=sys.stderr) as bar:   # StopOnSignal (appendix): Ctrl-C stops cleanly
+        start = time.perf_counter() - elapsed
         while True:
             progress = max(step / settings.max_iters, elapsed / budget)
-            if settings.stop_after and step >= settings.stop_after:
-                stop.asked = True
-            if ddp:   # torchrun (appendix): every rank follows rank 0's clock and Ctrl-C
+            stop.asked |= bool(settings.stop_after and step >= settings.stop_after)
+            if ddp:   # every rank follows rank 0's clock and Ctrl-C
                 progress, stop.asked = torchrun_follow_rank0(progress, stop.asked, device)
             last = progress >= 1.0 or stop.asked
             if (step % settings.eval_interval == 0 or last) and rank == 0:
                 losses = estimate_loss(model, splits, settings, device, dtype)
-                val_loss = losses.get("val", losses["train"])
-                stop_if_diverged("validation loss", val_loss)
+                val_loss = check_finite("validation loss", losses.get("val", losses["train"]), step, settings.lr)
                 history.append(val_loss)
-                line = f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} {sparkline(history)}"
                 text, accuracy = probe(model) if probe is not None else (None, None)
-                tqdm.write(line + (", " + text if text else ""))
+                tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} "
+                           f"{sparkline(history)}" + (", " + text if text else ""))
                 if accuracy is not None and accuracy >= LEARNED and learned_at is None:
-                    learned_at = step * tokens_per_step * world
-                row = {"step": step, "tokens": step * tokens_per_step * world, "train_loss": losses["train"],
-                       "val_loss": val_loss, "lr": lr_at(progress, settings.lr, settings.warmup), "elapsed": round(elapsed, 2),
-                       "tokens_per_s": round((step - at_eval[0]) * tokens_per_step * world /
-                                             max(elapsed - at_eval[1], 1e-9))}
-                at_eval = (step, elapsed)
-                with open(log_path(settings.out), "a") as f:
-                    more = {} if accuracy is None else {"accuracy": accuracy, "tokens_to_learned": learned_at}
-                    f.write(json.dumps({**row, **more}) + "\n")
-                if step > 0 or resume_state is not None:
+                    learned_at = step * tokens_per_step
+                append_log(settings.out, {"step": step, "tokens": step * tokens_per_step, "train_loss": losses["train"],
+                                          "val_loss": val_loss, "lr": lr_at(progress, settings.lr, settings.warmup),
+                                          "elapsed": round(elapsed, 2), "tokens_per_s": meter.since_log(step, elapsed)},
+                           accuracy, learned_at)
+                if step > 0 or resume_state is not None:   # the weights, the optimizer and the random streams
+                    state = training_state(model, tokenizer, optimizer, gen, meta, step=step, elapsed=elapsed,
+                                           best_val_loss=min(best_val, val_loss), val_loss=val_loss,
+                                           tokens_to_learned=learned_at)
                     if val_loss < best_val:
                         best_val = val_loss
-                        checkpoint(best_path(settings.out), val_loss)
-                    checkpoint(settings.out, val_loss)
+                        save_checkpoint(best_path(settings.out), state)
+                    save_checkpoint(settings.out, state)
             if last:
                 break
             lr, t_step = lr_at(progress, settings.lr, settings.warmup), time.perf_counter()
@@ -1582,18 +1087,14 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                 start += time.perf_counter() - t_step   # time-based warm-up would be over before it began
             elapsed = time.perf_counter() - start
             if step % 10 == 0:   # reading the loss waits for the GPU to finish, so only every tenth step
-                lossf = loss.item()
-                stop_if_diverged("loss", lossf)
-                now = time.perf_counter()
-                tok_s = (step - steps_last) * tokens_per_step / (now - t_last)
-                t_last, steps_last = now, step
-                bar.set_postfix(loss=f"{lossf:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+                lossf = check_finite("loss", loss.item(), step, settings.lr)
+                bar.set_postfix(loss=f"{lossf:.3f}", lr=f"{lr:.1e}", tok_s=f"{meter.since_bar(step):,.0f}")
                 bar.update(10)
     if ddp:
         torchrun_compare_weights(model)
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
-            "interrupted": stop.asked, "tokens": step * tokens_per_step * world,
-            "probe": accuracy, "tokens_to_learned": learned_at}
+            "interrupted": stop.asked, "tokens": step * tokens_per_step, "probe": accuracy,
+            "tokens_to_learned": learned_at}
 
 
 # Try this: train with --lr 1e-2 and watch the loss: too high a learning rate makes it jump and stall.
@@ -1851,14 +1352,337 @@ def summarize(scored):
 
 # -----------------------------------------------------------------------------------------------
 # 8. Appendix: tools beyond the lesson
-# Nothing here is needed to understand the model. Care for the user's files (temporary files of dead
-# processes cleared, one training per checkpoint, outputs checked before any work); resuming a run
-# and stopping it cleanly on Ctrl-C (train() calls restore_training and StopOnSignal); a training log
-# and its plot; a look inside (the probabilities behind each token, one layer's attention); a chat
-# loop; a faster one-token step for generate; int8 inference; export to ONNX and to Hugging Face's
-# GPT-NeoX format; data-parallel training with torchrun (cmd_train calls torchrun_start and
-# torchrun_finish, train() the other two). Optional packages are imported inside each tool.
+# Nothing here is needed to understand the model. The story catalogue (the wordings of every schema
+# make_problem tells); checkpoints read with every field checked and written atomically, and the
+# dtype race; your text read, tokenized once and memory-mapped; care for the user's files (temporary
+# files of dead processes cleared, one training per checkpoint, outputs checked before any work);
+# resuming a run, stopping it cleanly on Ctrl-C, and divergence (train() calls restore_training,
+# StopOnSignal and check_finite); a training log and its plot; a look inside (the probabilities
+# behind each token, one layer's attention); a chat loop; a faster one-token step for generate; int8
+# inference; export to ONNX and to Hugging Face's GPT-NeoX format; data-parallel training with
+# torchrun (cmd_train calls torchrun_start and torchrun_finish, train() the other two). Optional
+# packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
+
+# The story catalogue. make_problem tells each schema with the function STORIES names for it; the
+# lesson showed two of them (tell_join, tell_separate_start), and these are the rest, written the
+# same way: numbers first, then a sentence for each fact picked from a list of wordings, then the
+# question, then the reading. Every list of four or more has its every fourth wording held out.
+
+def tell_combine(w):
+    """Combine, the total unknown: "Tom has 8 and Ann has 5. How many in all?" 8 + 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    b = rng.randint(1, 99) if a > 99 else b
+    c1, c2 = rng.sample(COLOURS, 2)
+    story = [w.pick([f"[n] {w.have()} {a} {obj} and [m] {w.have()} {b} {obj}.",
+                     f"[n] {w.gain()} {a} {obj}. [m] {w.gain()} {b} {obj}.",
+                     f"There are {a} {c1} {obj} and {b} {c2} {obj} in the {rng.choice(PLACES)}.",
+                     f"[n] {w.gain()} {a} {obj} and [m] {w.gain()} {b}.",
+                     f"A {rng.choice(PLACES)} holds {a} {c1} {obj} and {b} {c2} {obj}."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                f"How many {obj} in total?", f"How many {obj} are there together?",
+                f"What is the total number of {obj}?", f"How many {obj} do they have together?",
+                f"How many {obj} do they have in all?", f"How many {obj} did they get in total?"])
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_compare_more(w):
+    """Compare, the bigger unknown: "Tom has 8. Ann has 5 more than Tom. How many has Ann?" 8 + 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    b = rng.randint(1, 99) if a > 99 else b
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[m] has {b} more {obj} than [n!].",
+                     f"[m] has {b} more than [n!].",
+                     f"[m] has {b} {obj} more than [n!] does.",
+                     f"[m] {w.have()} {b} more {obj} than [n!] {w.have()}."])]
+    q = f"How many {obj} does [m!] have?"
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_separate(w):
+    """Separate, the result unknown: "Tom has 13. He gives away 5. How many are left?" 13 - 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[n] {w.lose()} {b}.", f"[n] {w.lose()} {b} of them.",
+                     f"Then [n] {w.lose()} {b} {obj}.",
+                     f"[n] {w.tensed('gives', 'gave')} {b} {obj} to [m].",
+                     f"[m] {w.tensed('takes', 'took')} {b} of them away.",
+                     f"[n] {w.lose()} {b} {obj} at school.", f"[m] bought {b} of [n2] {obj}.",
+                     f"[m] took {b} of [n2] {obj}."])]
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are left?",
+                f"How many {obj} does [n] have left?", f"How many {obj} remain?",
+                f"How many {obj} does [n] end with?", f"How many {obj} are still there?"])
+    if rng.random() < 0.3:
+        place = rng.choice(PLACES)
+        story, q = w.in_a_place(a, place, [
+            f"[n] takes {b} {obj} out of the {place}.", f"[n] removes {b} {obj} from the {place}.",
+            f"[n] {w.lost()} {b} of them.", f"{b} {obj} were taken from the {place}."], [
+            f"How many {obj} are in the {place} now?", f"How many {obj} are left in the {place}?",
+            f"How many {obj} does the {place} hold now?", f"How many {obj} are still in the {place}?"],
+            ["at first.", "before.", "to begin with.", "originally."])
+    reading = f"{a} - {b} = ?"
+    return story, q, reading
+
+
+def tell_join_change(w):
+    """Join, the change unknown: "She had 8. She got some more. Now she has 13. How many did she get?" 8 + ? = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c, a = a, a - b   # had a, got ?, now c: ? = c - a
+    story = [f"[n] had {a} {obj}.",
+             w.pick([f"[n] got some more.", f"[m] gave [n1] some more.",
+                     f"[n] found some more {obj}.",
+                     f"[n2] {rng.choice(RELATIVES)} gave [n1] some more."]),
+             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} did [n] get?", f"How many more {obj} did [n] get?",
+                f"How many {obj} were added?", f"How many {obj} did [n] receive?"])
+    if rng.random() < 0.3:   # or the wish: "how many more does she need to have c?"
+        story = [f"[n] has {a} {obj}."]
+        q = w.pick([f"How many more {obj} does [n] need to have {c}?",
+                    f"How many more {obj} does [n] need to get to {c}?",
+                    f"How many more {obj} must [n] find to have {c} {obj}?",
+                    f"How many more {obj} does [n] have to collect to have {c}?"])
+    reading = f"{a} + ? = {c}"
+    return story, q, reading
+
+
+def tell_join_start(w):
+    """Join, the start unknown: "He had some. He got 5 more. Now he has 13. How many at first?" ? + 5 = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c = a   # had ?, got b, now c: ? = c - b
+    story = [f"[n] had some {obj}.", f"[n] {w.got()} {b} more.",
+             w.pick([f"Now [n] has {c} {obj}.", f"Now [n] has {c} in all.",
+                     f"[n] has {c} {obj} now.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} did [n] have at first?", f"How many {obj} did [n] start with?",
+                f"How many {obj} did [n] have before?", f"How many {obj} were there to begin with?"])
+    reading = f"? + {b} = {c}"
+    return story, q, reading
+
+
+def tell_separate_change(w):
+    """Separate, the change unknown: "She had 13. She sold some. 8 are left. How many are gone?" 13 - ? = 8"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c = a - b   # had a, lost ?, c left: ? = a - c
+    story = [f"[n] had {a} {obj}.",
+             w.pick([f"[n] gave some to [m].", f"[n] lost some of them.",
+                     f"[n] sold some {obj}.", f"Some of them were eaten."]),
+             w.pick([f"Now [n] has {c} {obj} left.", f"{c} {obj} are left.",
+                     f"[n] has {c} left.", f"Now there are {c} {obj}."])]
+    q = w.pick([f"How many {obj} are gone?", f"How many {obj} did [n] lose?",
+                f"How many {obj} were taken?", f"How many {obj} did [n] give away?"])
+    reading = f"{a} - ? = {c}"
+    return story, q, reading
+
+
+def tell_combine_part(w):
+    """Combine, a part unknown: "There are 13 cups. 5 are red. The rest are blue. How many are blue?" 5 + ? = 13"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    c, a = a, b   # c in all, a of one kind: ? = c - a
+    c1, c2 = rng.sample(COLOURS, 2)
+    story = w.pick([[f"[n] and [m] have {c} {obj} in all.", f"[n!] has {a}."],
+                    [f"There are {c} {obj}.", f"{a} of them are {c1}.", f"The rest are {c2}."],
+                    [f"There are {c} {obj} in the {rng.choice(PLACES)}.", f"{a} are {c1} and the rest are {c2}."],
+                    [f"[n] has {c} {obj}.", f"{a} of them are {c1}."]])
+    q = (f"How many does [m!] have?" if "in all" in story[0] else
+         w.pick([f"How many {obj} are {c2}?", f"How many are {c2}?", f"How many {c2} {obj} are there?",
+                 f"How many {obj} are not {c1}?"]))
+    reading = f"{a} + ? = {c}"
+    return story, q, reading
+
+
+def tell_compare_fewer(w):
+    """Compare, the smaller unknown: "Tom has 13. Ann has 5 fewer than Tom. How many has Ann?" 13 - 5 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    story = [f"[n] {w.have()} {a} {obj}.",
+             w.pick([f"[m] has {b} fewer {obj} than [n!].",
+                     f"[m] has {b} fewer than [n!].",
+                     f"[m] has {b} less than [n!] does.",
+                     f"[m] {w.have()} {b} fewer {obj} than [n!] {w.have()}."])]
+    q = f"How many {obj} does [m!] have?"
+    reading = f"{a} - {b} = ?"
+    return story, q, reading
+
+
+def tell_compare_difference(w):
+    """Compare, the difference unknown, either number first: "How many more has Ann?" 13 - 8 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = number_pair(rng)
+    x, y = (b, a) if rng.random() < 0.5 else (a, b)   # every wording in either order
+    big, small = ("n", "m") if x > y else ("m", "n")
+    story = [w.pick([f"[n] {w.have()} {x} {obj}. [m] {w.have()} {y} {obj}.",
+                     f"[n] {w.have()} {x} {obj} and [m] {w.have()} {y}.",
+                     f"[n] read {x} pages. [m] read {y} pages.",
+                     f"[n] {w.gain()} {x} {obj}. [m] {w.gain()} {y}."])]
+    q = w.pick([f"How many more {obj} does [{big}!] have than [{small}!]?",
+                f"How many fewer {obj} does [{small}!] have than [{big}!]?",
+                f"How many more does [{big}!] have?", f"What is the difference between them?"])
+    if "pages" in story[0]:
+        q = f"How many more pages did [{big}!] read?"
+    if rng.random() < 0.25:   # a measure, not a count
+        verb, unit, more, less = w.pick([("weighs", "pounds", "heavier", "lighter"),
+                                         ("is", "inches tall", "taller", "shorter"),
+                                         ("runs", "miles", "farther", "less far"),
+                                         ("is", "years old", "older", "younger")])
+        story = [f"[n] {verb} {x} {unit}. [m] {verb} {y} {unit}."]
+        q = rng.choice([f"How much {more} is [{big}!] than [{small}!]?",
+                        f"How much {less} is [{small}!] than [{big}!]?"])
+        if verb == "runs":
+            q = f"How much farther does [{big}!] run than [{small}!]?"
+    reading = f"{x} - {y} = ?" if x > y else f"{x} + ? = {y}"
+    return story, q, reading
+
+
+def tell_groups(w, price=False):
+    """Equal groups or a price, the product unknown: "4 boxes with 6 in each", "each costs $6; she buys 4": 4 x 6 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = rng.randint(2, 9), rng.randint(2, 9)   # a groups of b
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    story = [w.pick([f"[n] {w.have()} {a} {places} with {b} {obj} in each.",
+                     f"There are {a} {places}. Each {place} holds {b} {obj}.",
+                     f"[n] makes {a} piles of {b} {obj}.",
+                     f"Each {place} has {b} {obj}. There are {a} {places}.",
+                     f"[n] {w.gain()} {b} {obj} every day for {a} days.",
+                     f"Each child has {b} {obj}. There are {a} children."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} are there altogether?",
+                f"How many {obj} in total?", f"How many {obj} is that?"])
+    if price:
+        item = rng.choice(OBJECTS)
+        story = [w.pick([f"Each of the {item} costs ${b}.", f"{item.capitalize()} cost ${b} each.",
+                         f"One of the {item} costs {b} dollars.", f"The {item} are ${b} each."]),
+                 f"[n] {w.tensed('buys', 'bought')} {a} of them."]
+        q = w.pick([f"How much money does [n] spend?", f"How much does [n] pay?",
+                    f"How many dollars did [n] spend?", f"How much do {a} {item} cost?"])
+    if rng.random() < 0.25:
+        story = [w.pick([f"There are {b} {obj} in each {place}.", f"Each {place} has {b} {obj}.",
+                         f"One {place} holds {b} {obj}.", f"[n] puts {b} {obj} in every {place}."])]
+        q = w.pick([f"How many {obj} are in {a} {places}?", f"How many {obj} are there in {a} {places}?",
+                    f"How many {obj} do {a} {places} hold?", f"How many {obj} will {a} {places} have?"])
+    if "[n]" not in " ".join(story) and "[n]" in q:
+        q = f"How many {obj} are there in all?"
+    reading = f"{a} x {b} = ?"
+    return story, q, reading
+
+
+def tell_share(w, bags=False):
+    """Sharing (the group's size unknown) or bags (the number of groups unknown): 24 / 6 = ?"""
+    rng, obj = w.rng, w.obj
+    k, d = rng.randint(2, 9), rng.randint(2, 9)
+    t = k * d
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    if not bags:   # t shared among d: each gets ?
+        story = [w.pick([f"[n] shares {t} {obj} equally among {d} friends.",
+                         f"{t} {obj} are put into {d} equal groups.",
+                         f"[n] has {t} {obj} in {d} {places}, the same number in each.",
+                         f"[n] splits {t} {obj} evenly between {d} {places}.",
+                         f"{t} {obj} are shared by {d} children equally."])]
+        q = w.pick([f"How many {obj} does each get?", f"How many {obj} are in each?",
+                    f"How many {obj} go in each {place}?", f"How many {obj} is that for each?"])
+    else:   # t in bags of d: ? bags
+        story = [w.pick([f"[n] packs {t} {obj} into {places} of {d}.",
+                         f"There are {t} {obj}. Each {place} holds {d}.",
+                         f"[n] puts {d} {obj} in each {place} and has {t} {obj}.",
+                         f"{t} {obj} are put in {places}, {d} in each.",
+                         f"Each {place} holds {d} {obj}. There are {t} {obj}."])]
+        q = w.pick([f"How many {places} does [n] fill?", f"How many {places} are needed?",
+                    f"How many {places} are there?", f"How many {places} can be filled?"])
+    if "[n]" not in " ".join(story) and "[n]" in q:
+        q = f"How many {places} are needed?"
+    reading = f"{t} / {d} = ?"
+    return story, q, reading
+
+
+def tell_sum(w):
+    """A bare sum of two numbers up to 999, no story."""
+    rng = w.rng
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    story, q = [], rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"What is the sum of {a} and {b}?"])
+    reading = f"{a} + {b} = ?"
+    return story, q, reading
+
+
+def tell_changes(w, steps=None):
+    """Two or more gains and losses in a row: "She has 12. She gets 5 more, then loses 3." 12 + 5 - 3 = ?"""
+    rng, obj = w.rng, w.obj
+    steps = steps or rng.randint(2, 3)
+    s = rng.randint(5, 60)
+    story, chain, joined = [f"[n] {w.have()} {s} {obj}."], str(s), False
+    for i in range(steps):
+        if s > 8 and (s > 150 or rng.random() < 0.5):
+            x = rng.randint(1, min(s - 1, 60))
+            said = f"{w.lose()} {x}" + rng.choice(["", " of them", f" {obj}"])
+            chain += f" - {x}"; s -= x
+        else:
+            x = rng.randint(2, 60)
+            said = f"{w.gain()} {x} more" + rng.choice(["", f" {obj}"])
+            chain += f" + {x}"; s += x
+        if i and not joined and rng.random() < 0.4:   # two changes in one sentence
+            story[-1] = story[-1][:-1] + rng.choice([" and ", " and then ", " but ", ", then "]) + said + "."
+            joined = True
+        else:
+            then = "Then " if i and rng.random() < 0.5 else ""
+            story.append(f"{then}[n] {said}.")
+            joined = False
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} does [n] have left?",
+                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in the end?"])
+    reading = chain + " = ?"
+    return story, q, reading
+
+
+def tell_combine3(w):
+    """Three amounts put together: "Tom has 5, Ann 7 and Sam 2." 5 + 7 + 2 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b, c = (rng.randint(2, 60) for _ in range(3))
+    story = [w.pick([f"[n] {w.gain()} {a} {obj}, [m] {w.gain()} {b} and [o] {w.gain()} {c}.",
+                     f"[n] has {a} {obj}. [m] has {b}. [o] has {c}.",
+                     f"There are {a} red, {b} blue and {c} green {obj}.",
+                     f"[n] {w.gain()} {a} {obj} on Monday, {b} on Tuesday and {c} on Wednesday."])]
+    q = w.pick([f"How many {obj} are there in all?", f"How many {obj} altogether?", f"How many {obj} in total?",
+                f"What is the total number of {obj}?"])
+    reading = f"{a} + {b} + {c} = ?"
+    return story, q, reading
+
+
+def tell_groups_change(w):
+    """Equal groups, then a gain or a loss: "4 bags of 6; she eats 3." 4 x 6 - 3 = ?"""
+    rng, obj = w.rng, w.obj
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    place = rng.choice(PLACES)
+    places = PLURAL.get(place, place + "s")
+    story = [f"[n] {w.have()} {a} {places} with {b} {obj} in each."]
+    if rng.random() < 0.5:
+        c = rng.randint(1, a * b - 1)
+        story.append(f"[n] {w.lose()} {c} {obj}.")
+        reading = f"{a} x {b} - {c} = ?"
+    else:
+        c = rng.randint(2, 60)
+        story.append(f"[n] {w.gain()} {c} more {obj}.")
+        reading = f"{a} x {b} + {c} = ?"
+    q = w.pick([f"How many {obj} does [n] have now?", f"How many {obj} are there now?",
+                f"How many {obj} does [n] end with?", f"How many {obj} does [n] have in all?"])
+    return story, q, reading
+
+
+STORIES = {   # schema: the function that tells it
+    "join": tell_join, "separate-start": tell_separate_start, "combine": tell_combine,
+    "compare-more": tell_compare_more, "separate": tell_separate, "join-change": tell_join_change,
+    "join-start": tell_join_start, "separate-change": tell_separate_change, "combine-part": tell_combine_part,
+    "compare-fewer": tell_compare_fewer, "compare-difference": tell_compare_difference,
+    "groups": tell_groups, "price": lambda w: tell_groups(w, price=True),
+    "share": tell_share, "bags": lambda w: tell_share(w, bags=True), "sum": tell_sum,
+    "changes": tell_changes, "combine3": tell_combine3, "groups-change": tell_groups_change}
+
 
 CHECKPOINT_LIMITS = {   # field: (type, lowest, highest); far above anything this tool trains
     "vocab_size": (int, 2, 1 << 20), "block_size": (int, 1, 8192), "n_layer": (int, 1, 64),
@@ -1973,6 +1797,202 @@ def check_resume(ck, path):
         raise UserError(f"{path} cannot be resumed: {broken}; start a new run with --overwrite")
 
 
+# Checkpoints and the dtype. A checkpoint is written to a temporary file, flushed to disk and renamed
+# into place, so a crash never leaves half of one; it is read with weights_only=True and every field
+# checked (the functions above) before a model is built from it. "auto" dtype races a bf16 and an
+# fp32 matmul of the model's size once, because CPUs without bf16 units emulate it slowly.
+
+CHECKPOINT_FORMAT = "tinyllm-checkpoint"
+
+
+CHECKPOINT_VERSION = 2   # 2: rotary positions (version 1 had a learned table, wpe)
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # a full disk: torch.save's writer raises RuntimeError
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        raise UserError(f"could not write {path}: {why}; any checkpoint that was there is intact")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def training_state(model, tokenizer, optimizer, gen, meta, **counters):
+    """Everything a checkpoint holds: the model and its tokenizer, and for --resume the optimizer, the
+    random streams and the run's counters (step, elapsed, best_val_loss, val_loss, tokens_to_learned)."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "config": asdict(model.cfg), "tokenizer": tokenizer.to_json(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "meta": meta, **counters,
+            "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if meta["device"] == "cuda" else None}}
+
+
+def best_path(path):
+    return os.path.splitext(path)[0] + ".best.pt"
+
+
+def log_path(path):   # one JSON line per evaluation, beside the checkpoint
+    return os.path.splitext(path)[0] + ".log.jsonl"
+
+
+def load_checkpoint(path):
+    """Load and check a checkpoint. weights_only=True: a file that tries to run code is refused."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one first with `python tinyllm.py train`, "
+                        "or point --checkpoint at one")
+    check_checkpoint_file(path)   # before anything is read from it (appendix)
+    try:   # mmap: the tensors stay in the file until used, so no claim in it allocates memory
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a loadable tinyllm checkpoint (corrupt, or it holds objects "
+                        f"that could run code, which are refused): {first[:200]}")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a tinyllm checkpoint (it was made by another program)")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format version {ck.get('version')}; "
+                        f"this tinyllm reads version {CHECKPOINT_VERSION}: train the model again with this version")
+    check_training_fields(ck, path)
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint"):
+    """Rebuild the tokenizer and the model, refusing any mismatch with a message."""
+    cfg = check_config(ck.get("config"), path)   # types and ranges, before anything is built (appendix)
+    try:
+        tokenizer = tokenizer_from_json(ck["tokenizer"])
+    except UserError as e:
+        raise UserError(f"{path}: {e}")
+    except Exception as e:   # the tokenizers library raises a bare Exception on a broken string
+        raise UserError(f"{path} has a broken tokenizer: {str(e)[:200] or type(e).__name__}")
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise UserError(f"{path} is inconsistent: its tokenizer has {tokenizer.vocab_size} tokens "
+                        f"but its config says vocab_size={cfg.vocab_size}")
+    check_weights(ck.get("model"), cfg, path)   # keys, shapes and dtypes, against a model that is not built
+    model = GPT(cfg)
+    model.load_state_dict(ck["model"])
+    return model, tokenizer
+
+
+def model_from_file(path):
+    """The model and tokenizer of the checkpoint at path, checked as load_checkpoint checks it."""
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
+def pick_dtype(name, device):
+    """bf16 autocast where it is supported and faster, else fp32. On CPU, a quick matmul race decides."""
+    if name != "auto" or device not in ("cpu", "cuda"):
+        return "fp32" if name == "auto" else name
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    speed = {}
+    for dt in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 192, dtype=dt), torch.randn(192, 768, dtype=dt)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        speed[dt] = time.perf_counter() - t
+    return "bf16" if speed[torch.bfloat16] < 0.8 * speed[torch.float32] else "fp32"
+
+
+def append_log(out, row, accuracy=None, learned_at=None):
+    """One JSON line per evaluation in the log beside the checkpoint (plot reads it)."""
+    more = {} if accuracy is None else {"accuracy": accuracy, "tokens_to_learned": learned_at}
+    with open(log_path(out), "a") as f:
+        f.write(json.dumps({**row, **more}) + "\n")
+
+
+def sparkline(values):   # the validation loss so far, in one line of the terminal
+    bars = "▁▂▃▄▅▆▇█"
+    lo, hi = min(values), max(values)
+    return "".join(bars[round((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
+
+
+# Your text, read and tokenized once. A file is read as UTF-8 (a byte-order mark is dropped, "\r\n"
+# and "\r" become "\n"), anything that is not a regular text file is refused before it is read, and
+# the ids are cached on disk as a flat file of integers named by a hash of the text and the
+# tokenizer, memory-mapped, so a big file is neither re-tokenized every run nor held in memory.
+
+def read_text_files(paths):
+    """Texts of the given files (folders: their .txt and .md files), normalised. Refuses bad input."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs
+                           if f.endswith((".txt", ".md")) and os.path.isfile(os.path.join(r, f)))
+            if not found:
+                raise UserError(f"folder {path} holds no .txt or .md files")
+            files += found
+        elif not os.path.exists(path):
+            raise UserError(f"data file {path} does not exist: give a UTF-8 text file or a folder of them")
+        elif not os.path.isfile(path):   # /dev/zero, a pipe, a socket: it could be read without end
+            raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a UTF-8 text "
+                            "file or a folder of them")
+        else:
+            files.append(path)
+    texts = []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read()
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}")
+        if b"\0" in raw[:8192]:
+            raise UserError(f"{f} looks binary (it has NUL bytes): give a UTF-8 text file")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f} is not UTF-8 (bad byte at offset {e.start}): re-save it as UTF-8")
+        del raw   # a big file should not be held twice
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if text.strip():
+            texts.append(text)
+    if not texts:
+        raise UserError(f"the data ({', '.join(paths)}) is empty: give a file with some text in it")
+    return texts
+
+
+def cached_ids(texts, tokenizer, cache_dir):
+    """Token ids of the texts joined by END, cached on disk by a hash of the text and the tokenizer."""
+    step = 1 << 22   # 4M characters at a time keeps memory flat
+    h = zlib.crc32(tokenizer.to_json().encode())
+    for t in texts:
+        for i in range(0, len(t), step):
+            h = zlib.crc32(t[i:i + step].encode(), h)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    path = os.path.join(cache_dir, f"ids-{h:08x}-{sum(map(len, texts))}.{np.dtype(dtype).name}.bin")
+    clear_stale_temporaries(cache_dir)
+    if not os.path.exists(path):
+        make_folder(cache_dir, "--cache-dir")
+        tmp, char = path + f".tmp{os.getpid()}", isinstance(tokenizer, CharTokenizer)
+        try:
+            with open(tmp, "wb") as f:   # raw ids, chunk by chunk: never a full-size array in memory
+                for text in texts:
+                    for i in range(0, len(text), step):
+                        chunk = text[i:i + step]
+                        ids = tokenizer.encode_array(chunk) if char else tokenizer.encode(chunk)
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())
+                    f.write(np.array([tokenizer.end_id], dtype=dtype).tobytes())
+            os.replace(tmp, path)
+        finally:   # Ctrl-C, SIGTERM or an error while encoding: no half-written file stays behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)   # signal 0: no signal, only the check that the process exists
@@ -2006,7 +2026,32 @@ def clear_stale_temporaries(folder):
 # Resuming and stopping cleanly. A resumed run puts back the optimizer's moments and the random
 # streams, so it draws the batches and dropout masks the uninterrupted run would have drawn. A signal
 # (Ctrl-C, a shutdown, a closed terminal, `timeout`, a job scheduler) only asks the loop to stop: it
-# finishes the step, evaluates, and writes its checkpoint, so nothing is lost half-written.
+# finishes the step, evaluates, and writes its checkpoint, so nothing is lost half-written. A loss
+# that turns inf or nan stops the run before it overwrites the last good checkpoint.
+
+def check_finite(what, value, step, lr):
+    """value, unless it is inf or nan: then the run has diverged, and says what to try."""
+    if not math.isfinite(value):
+        raise UserError(f"the {what} is {value} at step {step}: training diverged; "
+                        f"try a lower --lr (now {lr}); the last checkpoint is intact")
+    return value
+
+
+class Speedometer:
+    """Training tokens per second: since the last evaluation (for the log) and over the last few steps
+    (for the progress bar), on the wall clock."""
+
+    def __init__(self, step, elapsed, tokens_per_step):
+        self.tokens_per_step, self.at_log, self.at_bar = tokens_per_step, (step, elapsed), (step, time.perf_counter())
+
+    def since_log(self, step, elapsed):
+        (s, e), self.at_log = self.at_log, (step, elapsed)
+        return round((step - s) * self.tokens_per_step / max(elapsed - e, 1e-9))
+
+    def since_bar(self, step):
+        (s, t), self.at_bar = self.at_bar, (step, time.perf_counter())
+        return (step - s) * self.tokens_per_step / max(self.at_bar[1] - t, 1e-9)
+
 
 def restore_training(resume_state, optimizer, gen, seed, rank, device):
     """Load a checkpoint's optimizer and random state; returns (step, elapsed, best_val, learned_at)."""
