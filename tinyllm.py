@@ -717,11 +717,29 @@ def param_report(cfg):
     return "\n".join(lines + [f"  {'total':<42} {total:>10,}"])
 
 
+class KVCache:
+    """One layer's memory while generating (chapter 6): the keys and values of every token seen so
+    far, so a new token's attention reads them instead of recomputing them. Two buffers, each
+    (B, n_head, block_size, head_size), made on the first call and filled in place; n are filled."""
+
+    def __init__(self, block_size):
+        self.block_size, self.k, self.v, self.n = block_size, None, None, 0
+
+    def add(self, k, v):
+        """Append k, v (B, n_head, T, head_size); returns every key and value so far, (B, n_head, n, head_size)."""
+        if self.k is None:
+            B, H, _, hs = k.shape
+            self.k, self.v = k.new_empty(B, H, self.block_size, hs), v.new_empty(B, H, self.block_size, hs)
+        past, self.n = self.n, self.n + k.size(2)
+        self.k[:, :, past:self.n], self.v[:, :, past:self.n] = k, v
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.fused, self.block_size = cfg.n_head, cfg.fused_attention, cfg.block_size
+        self.n_head, self.fused = cfg.n_head, cfg.fused_attention
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)   # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -738,14 +756,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         q, k = rotate(q, *rot), rotate(k, *rot)   # where each token is, told by turning q and k
         if cache is not None:   # generation: keys and values of earlier tokens are kept, not recomputed
-            # cache = [keys, values, how many positions are filled]; the two buffers are allocated once,
-            # each (B, n_head, block_size, head_size), and filled in place as tokens come
-            if not cache:
-                cache[:] = [k.new_empty(B, self.n_head, self.block_size, hs),
-                            v.new_empty(B, self.n_head, self.block_size, hs), 0]
-            past, n = cache[2], cache[2] + T
-            cache[0][:, :, past:n], cache[1][:, :, past:n], cache[2] = k, v, n
-            k, v = cache[0][:, :, :n], cache[1][:, :, :n]   # (B, n_head, T_past + T, head_size)
+            k, v = cache.add(k, v)   # (B, n_head, T_past + T, head_size)
         drop = self.dropout if self.training else 0.0
         if self.fused or q.is_cuda:   # a GPU always takes the fused kernel: faster there
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
@@ -834,11 +845,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_mask=None, caches=None, valid=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean loss if targets are given.
 
-        For generation, `caches` holds each layer's [keys, values, positions filled], and `valid` (B, T_total)
+        For generation, `caches` holds each layer's KVCache, and `valid` (B, T_total)
         marks the real tokens of left-padded prompts: padding is neither attended to nor counted
         in positions."""
         B, T = idx.shape
-        past = caches[0][2] if caches and caches[0] else 0
+        past = caches[0].n if caches else 0
         if valid is None:
             pos = torch.arange(past, past + T, device=idx.device).unsqueeze(0)      # (1, T)
             mask = self.causal[past:past + T, :past + T].unsqueeze(0).unsqueeze(0)  # (1, 1, T, T_total)
@@ -1172,7 +1183,7 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
                 logits = decoder(idx[:, -1:], caches, valid if padded else None)
             elif use_cache:
                 if caches is None:
-                    caches = [[] for _ in model.h]
+                    caches = [KVCache(model.cfg.block_size) for _ in model.h]
                 logits, _ = model(idx[:, fed:], caches=caches, valid=valid if padded else None)
                 fed = idx.size(1)
             else:
@@ -2426,7 +2437,7 @@ class FastDecoder:
         """What model(idx, caches=caches, valid=valid) gives as logits, for one new token per row:
         idx (B, 1) -> logits (B, 1, vocab_size). caches come filled by GPT.forward (the prompt's pass)."""
         model, C, nh = self.model, self.C, self.n_head
-        B, hs, n = idx.size(0), C // nh, caches[0][2]   # n: positions filled; the new token writes slot n
+        B, hs, n = idx.size(0), C // nh, caches[0].n   # n: positions filled; the new token writes slot n
         if n + 1 > model.cfg.block_size:
             raise ValueError(f"sequence of {n + 1} tokens is longer than block_size {model.cfg.block_size}")
         if valid is None:
@@ -2449,13 +2460,13 @@ class FastDecoder:
                 in zip(self.layers, caches):
             qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b), attn_w, attn_b).view(B, 5, nh, hs)
             qk = qkv[:, :2] * cos.to(qkv.dtype) + qkv[:, 3:] * sin.to(qkv.dtype)   # rotated q, k: (B, 2, nh, hs)
-            cache[0][:, :, n], cache[1][:, :, n] = qk[:, 1], qkv[:, 2]
-            y = F.scaled_dot_product_attention(qk[:, 0, :, None], cache[0][:, :, :n + 1],
-                                               cache[1][:, :, :n + 1], attn_mask=mask)    # (B, n_head, 1, hs)
+            cache.k[:, :, n], cache.v[:, :, n] = qk[:, 1], qkv[:, 2]
+            y = F.scaled_dot_product_attention(qk[:, 0, :, None], cache.k[:, :, :n + 1],
+                                               cache.v[:, :, :n + 1], attn_mask=mask)    # (B, n_head, 1, hs)
             x = x + F.linear(y.reshape(B, C), proj_w, proj_b)   # one query: heads already side by side
             x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)), out_w, out_b)
         for cache in caches:
-            cache[2] = n + 1
+            cache.n = n + 1
         return F.linear(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)[:, None]   # (B, 1, V)
 
 

@@ -425,7 +425,7 @@ def test_fast_decoding_step_is_the_models_own_arithmetic():
         n = max(map(len, rows))
         idx = torch.tensor([[0] * (n - len(p)) + p for p in rows])
         valid = torch.tensor([[False] * (n - len(p)) + [True] * len(p) for p in rows])
-        plain, fast = [[] for _ in model.h], [[] for _ in model.h]
+        plain, fast = ([T.KVCache(24) for _ in model.h] for _ in range(2))
         nxt = torch.full((len(rows), 1), 11)
         valid = torch.cat([valid, torch.ones(len(rows), 1, dtype=torch.bool)], 1)
         with torch.no_grad():
@@ -435,8 +435,8 @@ def test_fast_decoding_step_is_the_models_own_arithmetic():
             got = T.FastDecoder(model)(nxt, fast, valid if padded else None)
         assert got.shape == want.shape == (len(rows), 1, model.cfg.vocab_size)
         assert torch.allclose(got, want, atol=1e-5)
-        assert [c[2] for c in fast] == [c[2] for c in plain] == [n + 1] * model.cfg.n_layer
-        assert all(torch.allclose(f[0][:, :, :n + 1], p[0][:, :, :n + 1], atol=1e-6) for f, p in zip(fast, plain))
+        assert [c.n for c in fast] == [c.n for c in plain] == [n + 1] * model.cfg.n_layer
+        assert all(torch.allclose(f.k[:, :, :n + 1], p.k[:, :, :n + 1], atol=1e-6) for f, p in zip(fast, plain))
 
 
 def test_same_seed_same_samples_and_greedy_is_argmax():
