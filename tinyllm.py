@@ -1362,7 +1362,66 @@ def summarize(scored):
 
 
 # -----------------------------------------------------------------------------------------------
-# 8. Appendix: tools beyond the lesson
+# 8. Putting it together
+# The chapters joined, as the default `python tinyllm.py train` and `eval` join them: problems with
+# their working (chapter 2), a tokenizer learned from their text (1), the model (3), the problems
+# as windows and loss masks (4), training (5) with a probe that generates (6) and scores (7) at every
+# evaluation, then held-out questions it never trained on. cmd_train does the same with every flag,
+# with --resume, and with your own text instead of the corpus.
+#
+#   model, tokenizer, summary = learn_to_think("checkpoints/mine.pt")   # about 10 minutes on a CPU
+#   print(summary["accuracy"])
+# -----------------------------------------------------------------------------------------------
+
+def make_tokenizer(kind, texts, vocab_size, thinking):
+    """A new tokenizer learned from texts (a list of strings): "char" or "bpe"."""
+    if kind == "char":
+        import string
+        extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
+        return CharTokenizer(set(extra).union(*map(set, texts)))
+    return BPETokenizer.train(texts, vocab_size, within_words=not thinking)
+
+
+def accuracy_probe(tokenizer, sample, dtype, direct):
+    """For train(): at each evaluation, the share of the sample's problems the model writes exactly."""
+    def probe(model):
+        acc = written_exactly(model, tokenizer, sample, dtype=dtype, direct=direct)
+        return f"probe {100 * acc:.1f}% ({len(sample)} validation problems written exactly)", acc
+    return probe
+
+
+def sample_probe(tokenizer, start, dtype):
+    """For train() on your text: at each evaluation, 60 sampled tokens after the text's first ids."""
+    def probe(model):
+        o = generate(model, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
+                     dtype=dtype)
+        return "sample: " + repr(tokenizer.decode(start + o[0])), None
+    return probe
+
+
+def learn_to_think(out, minutes=9.0, max_iters=1_000_000, seed=1337, corpus_size=100_000, n_questions=1000):
+    """The whole lesson in one call: build the corpus, learn a tokenizer, train the default model for
+    the budget, save it at out (a new file: nothing is overwritten), and score it on held-out
+    questions. Returns (model, tokenizer, the summary `eval` prints)."""
+    claim_out(out, resume_asked=False, overwrite=False)                           # appendix: out is new and writable
+    device = pick_device("auto")
+    dtype = pick_dtype("auto", device)                                            # appendix: bf16 where it pays
+    train_p, val_p = build_corpus(corpus_size, seed)                              # 2. stories and their working
+    texts = ["".join(problem_text(p)) for p in train_p[:20_000]]
+    tokenizer = make_tokenizer("bpe", texts, 512, thinking=True)                  # 1. text <-> token ids
+    model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
+    splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss masks
+    settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
+    meta = {"data": None, "corpus_format": "working", "corpus_size": corpus_size, "device": device, "dtype": dtype,
+            "settings": asdict(settings)}                                         # saved in the checkpoint
+    probe = accuracy_probe(tokenizer, val_p[:200], dtype, direct=False)           # 6. and 7. as it learns
+    train(model, tokenizer, splits, settings, meta, probe=probe)                  # 5.
+    questions = make_split("questions", n_questions, seed=0)                      # never trained on
+    return model, tokenizer, evaluate(model, tokenizer, questions, dtype=dtype)   # 7.
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Appendix: tools beyond the lesson
 # Nothing here is needed to understand the model. The story catalogue (the wordings of every schema
 # make_problem tells); checkpoints read with every field checked and written atomically, and the
 # dtype race; your text read, tokenized once and memory-mapped; care for the user's files (temporary
@@ -2541,7 +2600,7 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. The command line
+# 10. The command line
 # Each subcommand parses its flags, checks them, and calls the plain functions above.
 # -----------------------------------------------------------------------------------------------
 
@@ -2629,32 +2688,6 @@ def say_if_learned(r, n_probe, settings, out):
               f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
               f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
               f"  python tinyllm.py train --out {shlex.quote(out)} --resume {more.strip()}")
-
-
-def make_tokenizer(kind, texts, vocab_size, thinking):
-    """A new tokenizer learned from texts (a list of strings): "char" or "bpe"."""
-    if kind == "char":
-        import string
-        extra = string.printable if thinking else ""   # any typed ASCII question can be encoded
-        return CharTokenizer(set(extra).union(*map(set, texts)))
-    return BPETokenizer.train(texts, vocab_size, within_words=not thinking)
-
-
-def accuracy_probe(tokenizer, sample, dtype, direct):
-    """For train(): at each evaluation, the share of the sample's problems the model writes exactly."""
-    def probe(model):
-        acc = written_exactly(model, tokenizer, sample, dtype=dtype, direct=direct)
-        return f"probe {100 * acc:.1f}% ({len(sample)} validation problems written exactly)", acc
-    return probe
-
-
-def sample_probe(tokenizer, start, dtype):
-    """For train() on your text: at each evaluation, 60 sampled tokens after the text's first ids."""
-    def probe(model):
-        o = generate(model, [start], 60, None, temperature=0.8, top_k=40, gen=torch.Generator().manual_seed(0),
-                     dtype=dtype)
-        return "sample: " + repr(tokenizer.decode(start + o[0])), None
-    return probe
 
 
 def cmd_train(args):

@@ -557,7 +557,24 @@ def test_read_questions_and_its_errors(tmp_path):
             T.read_questions(str(p))
 
 
-# 9. the command line, end to end ----------------------------------------------------------------
+# 8. putting it together -------------------------------------------------------------------------
+
+def test_the_joining_chapter_trains_saves_and_scores_on_held_out_questions(tmp_path, capsys):
+    out = str(tmp_path / "lesson.pt")
+    model, tokenizer, summary = T.learn_to_think(out, minutes=0, max_iters=30, corpus_size=300, n_questions=14)
+    assert summary["n"] == 14 and set(summary["per_split"]) == {"questions"}   # held-out questions, all scored
+    assert set(summary["per_family"]) == set(T.FAMILIES)
+    rows = [json.loads(line) for line in open(T.log_path(out))]
+    assert [r["step"] for r in rows] == [0, 30] and rows[1]["val_loss"] < rows[0]["val_loss"] - 1   # it learned
+    again, _ = T.model_from_file(out)   # the checkpoint is the model it returned, and the CLI reads it
+    x = torch.tensor([tokenizer.encode(T.ask_prompt("What is 2 + 3?"))])
+    assert torch.allclose(model.cpu().eval()(x)[0], again.eval()(x)[0])
+    assert T.main(["info", "--checkpoint", out]) == 0
+    with pytest.raises(T.UserError, match="already holds a checkpoint"):   # never overwritten
+        T.learn_to_think(out, max_iters=1, corpus_size=300)
+
+
+# 10. the command line, end to end ----------------------------------------------------------------
 
 def test_cli_train_generate_info_on_user_text(tmp_path):
     data = tmp_path / "input.txt"
