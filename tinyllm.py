@@ -98,6 +98,9 @@ class CharTokenizer:
         return json.dumps({"kind": "char", "chars": "".join(self.chars)})
 
 
+BPE_VOCAB_SIZE = 512   # the corpus's: its words, numbers' digits and punctuation need few merges
+
+
 class BPETokenizer:
     """Byte-level BPE from the `tokenizers` library, with digits always split one per token."""
 
@@ -648,6 +651,9 @@ def validate_corpus(problems, held_out_questions):
             raise AssertionError(f"a held-out question is in the training data: {p['question']!r}")
 
 
+CORPUS_SIZE = 100_000   # training problems in a default run
+
+
 def build_corpus(n_train, seed, direct=False, n_val=500):
     """The training and validation problems, validated, as (prompt, completion) texts."""
     held_out = [p for s in SPLITS for p in make_split(s, 1000, seed=0)]
@@ -674,6 +680,9 @@ def build_corpus(n_train, seed, direct=False, n_val=500):
 # most of it.
 # -----------------------------------------------------------------------------------------------
 
+MAX_PARAMS = 2_000_000   # the product's ceiling: a model of this size trains in minutes on a laptop CPU
+
+
 @dataclass
 class Config:
     vocab_size: int = 100
@@ -685,7 +694,7 @@ class Config:
     bias: bool = True
     fused_attention: bool = False   # F.scaled_dot_product_attention on a CPU too (a GPU always uses it)
 
-    def check(self, max_params=2_000_000):
+    def check(self, max_params=MAX_PARAMS):
         if self.n_embd % self.n_head:
             good = [h for h in range(1, 17) if self.n_embd % h == 0]
             near = min(good, key=lambda h: (abs(h - self.n_head), -h))
@@ -995,7 +1004,7 @@ def make_optimizer(model, lr, weight_decay, device):
 
 @dataclass
 class TrainSettings:
-    out: str = "checkpoints/tinyllm.pt"
+    out: str = os.path.join("checkpoints", "tinyllm.pt")
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
@@ -1399,7 +1408,8 @@ def sample_probe(tokenizer, start, dtype):
     return probe
 
 
-def learn_to_think(out, minutes=9.0, max_iters=1_000_000, seed=1337, corpus_size=100_000, n_questions=1000):
+def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettings.max_iters, seed=TrainSettings.seed,
+                   corpus_size=CORPUS_SIZE, n_questions=1000):
     """The whole lesson in one call: build the corpus, learn a tokenizer, train the default model for
     the budget, save it at out (a new file: nothing is overwritten), and score it on held-out
     questions. Returns (model, tokenizer, the summary `eval` prints)."""
@@ -1408,7 +1418,7 @@ def learn_to_think(out, minutes=9.0, max_iters=1_000_000, seed=1337, corpus_size
     dtype = pick_dtype("auto", device)                                            # appendix: bf16 where it pays
     train_p, val_p = build_corpus(corpus_size, seed)                              # 2. stories and their working
     texts = ["".join(problem_text(p)) for p in train_p[:20_000]]
-    tokenizer = make_tokenizer("bpe", texts, 512, thinking=True)                  # 1. text <-> token ids
+    tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)                # 1. text <-> token ids
     model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
     splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss masks
     settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
@@ -2604,7 +2614,7 @@ def chat(model, tokenizer, temperature, top_k, max_new_tokens, dtype):
 # Each subcommand parses its flags, checks them, and calls the plain functions above.
 # -----------------------------------------------------------------------------------------------
 
-DEFAULT_CKPT = os.path.join("checkpoints", "tinyllm.pt")
+DEFAULT_CKPT = TrainSettings.out
 
 
 def bounded(kind, name, lo=None, hi=None, lo_open=False):
@@ -2646,7 +2656,8 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 # the corpus needs steps more than width. Prose needs width: 4 x 192 (1.8M), and batch 16 rather than
 # 32 (twice the optimizer steps in the same minutes) reached a lower validation loss.
 TRAIN_DEFAULTS = {
-    "corpus": {"tokenizer": "bpe", "n_embd": 128, "n_head": 2, "block_size": 192, "batch_size": 8, "lr": 2e-3},
+    "corpus": {"tokenizer": "bpe", "n_embd": Config.n_embd, "n_head": Config.n_head,   # the lesson's own
+               "block_size": Config.block_size, "batch_size": TrainSettings.batch_size, "lr": TrainSettings.lr},
     "text": {"tokenizer": "char", "n_embd": 192, "n_head": 3, "block_size": 128, "batch_size": 16, "lr": 3e-3},
 }
 TEXT_TOKENS_PER_MINUTE = 900_000   # the --data default shape on a 2-core CPU: 15,261 tokens/s at bf16 437 GFLOP/s
@@ -2690,6 +2701,65 @@ def say_if_learned(r, n_probe, settings, out):
               f"  python tinyllm.py train --out {shlex.quote(out)} --resume {more.strip()}")
 
 
+def settle_train_flags(args):
+    """The flags train runs with, in a new namespace: each one given, else its default for the corpus
+    or for your text. Returns it and the names given of those fit_to_text may choose for your text."""
+    given = {k for k in ("dropout", "weight_decay", "n_embd", "n_head") if getattr(args, k) is not None}
+    if given & {"n_embd", "n_head"}:   # a shape is one choice: a width you give keeps the heads you give
+        given |= {"n_embd", "n_head"}
+    defaults = TRAIN_DEFAULTS["text" if args.data else "corpus"]
+    f = argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items() if getattr(args, k) is None}})
+    if f.batch_size * f.block_size > 1 << 20:   # activations of a step grow with it: refuse before any work
+        raise UserError(f"--batch-size {f.batch_size} x --block-size {f.block_size} is "
+                        f"{f.batch_size * f.block_size:,} tokens a step; at most {1 << 20:,}")
+    return f, given
+
+
+def new_model(f, texts, thinking, given):
+    """A new tokenizer and model for train; on your text, the shape and regularisation fit_to_text
+    chooses for its size (unless given). Returns (model, tokenizer, your text's ids or None, weight decay)."""
+    tokenizer = make_tokenizer(f.tokenizer, texts, f.vocab_size, thinking)
+    ids, shape = None, {k: getattr(f, k) for k in ("dropout", "weight_decay", "n_embd", "n_head")}
+    if not thinking:   # your text: shape and regularisation by how often the budget will read it
+        ids = cached_ids(texts, tokenizer, f.cache_dir)
+        chosen, why = fit_to_text(int(len(ids) * (1 - f.val_fraction)), f.max_minutes, f.max_iters,
+                                  f.batch_size * f.grad_accum, f.block_size)
+        fitted = {k: v for k, v in chosen.items() if k not in given}
+        shape.update(fitted)
+        if fitted:
+            print(f"chosen for your text: {why} ({', '.join(f'{k} {v:g}' for k, v in fitted.items())}; "
+                  "give --dropout, --weight-decay, --n-embd or --n-head to choose yourself)")
+    cfg = Config(vocab_size=tokenizer.vocab_size, block_size=f.block_size, n_layer=f.n_layer, n_head=shape["n_head"],
+                 n_embd=shape["n_embd"], dropout=shape["dropout"] or 0.0, fused_attention=f.fused_attention)
+    cfg.check(f.max_params)
+    weight_decay = TrainSettings.weight_decay if shape["weight_decay"] is None else shape["weight_decay"]
+    return GPT(cfg), tokenizer, ids, weight_decay
+
+
+def train_settings(f, device, dtype, weight_decay, resume):
+    """TrainSettings from the flags; a resumed run keeps its own, but for the budgets and the device."""
+    settings = TrainSettings(out=f.out, batch_size=f.batch_size, grad_accum=f.grad_accum, lr=f.lr,
+                             weight_decay=weight_decay, warmup=f.warmup, max_iters=f.max_iters,
+                             max_minutes=f.max_minutes, eval_interval=f.eval_interval, seed=f.seed,
+                             device=device, dtype=dtype, compile=f.compile, stop_after=f.stop_after)
+    if resume is None:
+        return settings
+    keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
+    return TrainSettings(**{**resume["meta"]["settings"], **{k: getattr(settings, k) for k in keep}})
+
+
+def report_training(r, settings, n_probe):
+    """The last lines of train: what was done, how to resume an interrupted run, and (corpus) the probe."""
+    print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
+          f"tokens/s, val loss {r['val_loss']:.4f}; saved {settings.out}")
+    if r["interrupted"]:
+        print(f"interrupted: resume with `python tinyllm.py train --out {settings.out} --resume`")
+        return 130
+    if n_probe and r["probe"] is not None:
+        say_if_learned(r, n_probe, settings, settings.out)
+    return 0
+
+
 def cmd_train(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun started one process per rank
         torchrun_start(args.device)
@@ -2697,86 +2767,45 @@ def cmd_train(args):
     dtype = pick_dtype(args.dtype, device)
     resume = claim_out(args.out, args.resume, args.overwrite)
     torch.manual_seed(args.seed)
-
-    thinking = not args.data
-    given = {k for k in ("dropout", "weight_decay", "n_embd", "n_head") if getattr(args, k) is not None}
-    if given & {"n_embd", "n_head"}:   # a shape is one choice: a width you give keeps the heads you give
-        given |= {"n_embd", "n_head"}
-    for flag, value in TRAIN_DEFAULTS["corpus" if thinking else "text"].items():   # what was not given
-        if getattr(args, flag) is None:
-            setattr(args, flag, value)
-    if args.batch_size * args.block_size > 1 << 20:   # activations of a step grow with it: refuse before any work
-        raise UserError(f"--batch-size {args.batch_size} x --block-size {args.block_size} is "
-                        f"{args.batch_size * args.block_size:,} tokens a step; at most {1 << 20:,}")
-    if resume is not None:
+    f, given = settle_train_flags(args)
+    if resume is not None:   # the run's own data, corpus and seed; its model and settings come with it
         model, tokenizer = model_from_checkpoint(resume, args.out)
         meta = resume["meta"]
-        thinking = meta["data"] is None
-        args.data, args.corpus_format, args.corpus_size = meta["data"], meta["corpus_format"], meta["corpus_size"]
-        args.seed = meta["settings"]["seed"]
+        f.data, f.corpus_format, f.corpus_size = meta["data"], meta["corpus_format"], meta["corpus_size"]
+        f.seed = meta["settings"]["seed"]
+    thinking, direct = not f.data, f.corpus_format == "direct"
     if thinking:
-        train_p, val_p = build_corpus(args.corpus_size, seed=args.seed, direct=args.corpus_format == "direct")
-        texts = [''.join(problem_text(p, args.corpus_format == "direct")) for p in train_p[:20000]]
+        train_p, val_p = build_corpus(f.corpus_size, seed=f.seed, direct=direct)
+        texts = ["".join(problem_text(p, direct)) for p in train_p[:20000]]
     else:
-        texts = read_text_files(args.data)
-    weight_decay = None   # a resumed run keeps its own, with its other settings
+        texts = read_text_files(f.data)
+    weight_decay, ids = None, None   # a resumed run keeps its own weight decay, with its other settings
     if resume is None:
-        tokenizer = make_tokenizer(args.tokenizer, texts, args.vocab_size, thinking)
-        if not thinking:   # your text: shape and regularisation by how often the budget will read it
-            ids = cached_ids(texts, tokenizer, args.cache_dir)
-            chosen, why = fit_to_text(int(len(ids) * (1 - args.val_fraction)), args.max_minutes, args.max_iters,
-                                      args.batch_size * args.grad_accum, args.block_size)
-            fitted = [k for k in chosen if k not in given]
-            for k in fitted:
-                setattr(args, k, chosen[k])
-            if fitted:
-                print(f"chosen for your text: {why} ({', '.join(f'{k} {chosen[k]:g}' for k in fitted)}; "
-                      "give --dropout, --weight-decay, --n-embd or --n-head to choose yourself)")
-        dropout, weight_decay = args.dropout or 0.0, 0.1 if args.weight_decay is None else args.weight_decay
-        cfg = Config(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, dropout=dropout, fused_attention=args.fused_attention)
-        cfg.check(args.max_params)
-        model = GPT(cfg)
-        meta = {"data": args.data, "corpus_format": args.corpus_format, "corpus_size": args.corpus_size}
+        model, tokenizer, ids, weight_decay = new_model(f, texts, thinking, given)
+        meta = {"data": f.data, "corpus_format": f.corpus_format, "corpus_size": f.corpus_size}
     cfg = model.cfg
     print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}, "
           f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
-    if thinking:
-        splits = corpus_splits(train_p, val_p, tokenizer, cfg.block_size, args.corpus_format == "direct")
-        sample = val_p[:200]   # validation problems, never in the training set: 1-3 s of every evaluation
-        probe = accuracy_probe(tokenizer, sample, dtype, args.corpus_format == "direct")
+    if thinking:   # the probe: 200 validation problems, never in the training set; 1-3 s of every evaluation
+        splits = corpus_splits(train_p, val_p, tokenizer, cfg.block_size, direct)
+        probe, n_probe = accuracy_probe(tokenizer, val_p[:200], dtype, direct), len(val_p[:200])
     else:
-        if resume is not None:
-            ids = cached_ids(texts, tokenizer, args.cache_dir)
+        ids = cached_ids(texts, tokenizer, f.cache_dir) if ids is None else ids
         del texts   # from here on the memory-mapped ids are all we need
-        splits = text_splits(ids, args.val_fraction, cfg.block_size)
-        probe = sample_probe(tokenizer, ids[:min(len(ids), 8)].tolist(), dtype)
-    meta.update(device=device, dtype=dtype)
-    settings = TrainSettings(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                             weight_decay=weight_decay, warmup=args.warmup, max_iters=args.max_iters,
-                             max_minutes=args.max_minutes, eval_interval=args.eval_interval, seed=args.seed,
-                             device=device, dtype=dtype, compile=args.compile, stop_after=args.stop_after)
-    if resume is not None:   # the run's own settings; the budgets and the device are today's
-        keep = ("out", "max_iters", "max_minutes", "eval_interval", "device", "dtype", "compile", "stop_after")
-        settings = TrainSettings(**{**meta["settings"], **{k: getattr(settings, k) for k in keep}})
-    meta["settings"] = asdict(settings)
-    if resume is None and os.path.exists(log_path(args.out)) and not (torch.distributed.is_initialized()
-                                                                  and torch.distributed.get_rank()):
-        os.remove(log_path(args.out))   # a new run starts a new log
+        splits = text_splits(ids, f.val_fraction, cfg.block_size)
+        probe, n_probe = sample_probe(tokenizer, ids[:8].tolist(), dtype), 0
+    settings = train_settings(f, device, dtype, weight_decay, resume)
+    meta.update(device=device, dtype=dtype, settings=asdict(settings))
+    if resume is None and os.path.exists(log_path(f.out)) and not (torch.distributed.is_initialized()
+                                                               and torch.distributed.get_rank()):
+        os.remove(log_path(f.out))   # a new run starts a new log
     print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
           f"batch {settings.batch_size} x {cfg.block_size}, lr {settings.lr:g}, budget {settings.max_iters:,} steps or "
           f"{settings.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, settings, meta, resume_state=resume, probe=probe)
     if torch.distributed.is_initialized() and torchrun_finish() > 0:   # rank 0 reports below, the others are done
         return 0
-    print(f"done: {r['step']} steps in {r['elapsed'] / 60:.1f} min, {r['tokens'] / max(r['elapsed'], 1e-9):,.0f} "
-          f"tokens/s, val loss {r['val_loss']:.4f}; saved {args.out}")
-    if r["interrupted"]:
-        print(f"interrupted: resume with `python tinyllm.py train --out {args.out} --resume`")
-        return 130
-    if thinking and r["probe"] is not None:
-        say_if_learned(r, len(sample), settings, args.out)
-    return 0
+    return report_training(r, settings, n_probe)
 
 
 def load_model(args):
@@ -2953,8 +2982,9 @@ def build_parser():
     t.add_argument("--data", nargs="+", help="your own UTF-8 text files or folders (default: the built-in corpus)")
     t.add_argument("--tokenizer", choices=["char", "bpe"], help="characters, or byte-level BPE "
                    "(default: bpe on the built-in corpus, char on --data)")
-    t.add_argument("--vocab-size", type=bounded(int, "--vocab-size", 1, 65536), default=512, help="BPE vocabulary size")
-    t.add_argument("--n-layer", type=bounded(int, "--n-layer", 1, 64), default=4)
+    t.add_argument("--vocab-size", type=bounded(int, "--vocab-size", 1, 65536), default=BPE_VOCAB_SIZE,
+                   help="BPE vocabulary size")
+    t.add_argument("--n-layer", type=bounded(int, "--n-layer", 1, 64), default=Config.n_layer)
     t.add_argument("--n-head", type=bounded(int, "--n-head", 1, 64), help="default: 2 on the built-in corpus, 3 on --data")
     t.add_argument("--n-embd", type=bounded(int, "--n-embd", 1, 4096), help="width of the model "
                    "(default: 128 on the built-in corpus, 192 on --data)")
@@ -2966,35 +2996,37 @@ def build_parser():
                    help="AdamW's weight decay (default: 0.1; on --data, chosen with the dropout)")
     t.add_argument("--fused-attention", action="store_true",
                    help="use F.scaled_dot_product_attention on a CPU too (a GPU always does)")
-    t.add_argument("--max-params", type=bounded(int, "--max-params", 0, MAX_LOAD_PARAMS), default=2_000_000,
+    t.add_argument("--max-params", type=bounded(int, "--max-params", 0, MAX_LOAD_PARAMS), default=MAX_PARAMS,
                    help="the parameter ceiling (0: none)")
     t.add_argument("--batch-size", type=bounded(int, "--batch-size", 1, 4096), help="default: 8 on the built-in "
                    "corpus, 16 on --data (both chosen by 10-minute runs)")
     t.add_argument("--grad-accum", type=bounded(int, "--grad-accum", 1, 1024), default=1, help="batches per optimizer step")
     t.add_argument("--lr", type=bounded(float, "--lr", 0, 1, lo_open=True),
                    help="peak learning rate (default: 2e-3 on the built-in corpus, 3e-3 on --data)")
-    t.add_argument("--warmup", type=bounded(float, "--warmup", 0, 0.5), default=0.03, help="share of the run spent warming up")
-    t.add_argument("--max-iters", type=bounded(int, "--max-iters", 1, 10 ** 9), default=1_000_000, help="stop after this many steps")
-    t.add_argument("--max-minutes", type=bounded(float, "--max-minutes", 0), default=9.0,
+    t.add_argument("--warmup", type=bounded(float, "--warmup", 0, 0.5), default=TrainSettings.warmup,
+                   help="share of the run spent warming up")
+    t.add_argument("--max-iters", type=bounded(int, "--max-iters", 1, 10 ** 9), default=TrainSettings.max_iters,
+                   help="stop after this many steps")
+    t.add_argument("--max-minutes", type=bounded(float, "--max-minutes", 0), default=TrainSettings.max_minutes,
                    help="stop after this many minutes of training, 0 for no limit (the learning-rate "
                         "schedule follows whichever budget, steps or minutes, ends first)")
     t.add_argument("--stop-after", type=bounded(int, "--stop-after", 0, 10 ** 9), default=0,
                    help="stop after this many steps and save a resumable checkpoint, as Ctrl-C does")
-    t.add_argument("--eval-interval", type=bounded(int, "--eval-interval", 1, 10 ** 9), default=250)
+    t.add_argument("--eval-interval", type=bounded(int, "--eval-interval", 1, 10 ** 9), default=TrainSettings.eval_interval)
     t.add_argument("--val-fraction", type=bounded(float, "--val-fraction", 0, 0.5), default=0.1,
                    help="share of your text kept for validation (its end)")
     t.add_argument("--cache-dir", default=os.path.join("data", "cache"), help="where token ids of --data are cached")
     t.add_argument("--corpus-format", default="working", choices=["working", "direct"],
                    help="built-in corpus: with written working, or bare answers (the control)")
-    t.add_argument("--corpus-size", type=bounded(int, "--corpus-size", 100, 10_000_000), default=100_000,
+    t.add_argument("--corpus-size", type=bounded(int, "--corpus-size", 100, 10_000_000), default=CORPUS_SIZE,
                    help="built-in corpus: number of training problems")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA and on CPUs where it is faster, else fp32")
     t.add_argument("--compile", action="store_true", help="torch.compile the model (compiling, in the "
                    "first step, is not counted in --max-minutes)")
-    t.add_argument("--seed", type=SEED, default=1337)
-    t.add_argument("--out", default=DEFAULT_CKPT, help="checkpoint path (the best one is saved beside it as .best.pt)")
+    t.add_argument("--seed", type=SEED, default=TrainSettings.seed)
+    t.add_argument("--out", default=TrainSettings.out, help="checkpoint path (the best one is saved beside it as .best.pt)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
 
@@ -3004,7 +3036,7 @@ def build_parser():
     i = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt)
     pl = sub.add_parser("plot", help="draw training logs: loss (and accuracy) against tokens seen", formatter_class=fmt)
     at = sub.add_parser("attention", help="draw one layer's attention over a prompt", formatter_class=fmt)
-    x = sub.add_parser("export", help="write the model as ONNX or as a Hugging Face GPT-2 folder", formatter_class=fmt)
+    x = sub.add_parser("export", help="write the model as ONNX or as a Hugging Face GPT-NeoX folder", formatter_class=fmt)
     for q in (g, e, c, i, at, x):
         q.add_argument("--checkpoint", default=DEFAULT_CKPT)
     for q in (g, e, c):
