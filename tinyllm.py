@@ -2972,13 +2972,8 @@ def cmd_info(args):
     return 0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="tinyllm.py", description="A tiny language model that thinks step by step, in one file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    t = sub.add_parser("train", help="train a model (default: on the built-in thinking corpus)", formatter_class=fmt)
+def train_flags(t):
+    """The flags of train: the model's shape, the budget, your data or the corpus, and the run's file."""
     t.add_argument("--data", nargs="+", help="your own UTF-8 text files or folders (default: the built-in corpus)")
     t.add_argument("--tokenizer", choices=["char", "bpe"], help="characters, or byte-level BPE "
                    "(default: bpe on the built-in corpus, char on --data)")
@@ -3030,6 +3025,41 @@ def build_parser():
     t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint at --out")
 
+
+def generate_flags(g):
+    """The flags of generate: the prompt and how to sample."""
+    g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
+    g.add_argument("--max-new-tokens", type=bounded(int, "--max-new-tokens", 0, 100_000), default=200)
+    g.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
+    g.add_argument("--top-k", type=bounded(int, "--top-k", 1), default=None)
+    g.add_argument("--top-p", type=bounded(float, "--top-p", 0, 1, lo_open=True), default=None)
+    g.add_argument("--repetition-penalty", type=bounded(float, "--repetition-penalty", 0.01, 100), default=1.0)
+    g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
+    g.add_argument("--num-samples", type=bounded(int, "--num-samples", 1, 1000), default=1)
+    g.add_argument("--seed", type=SEED, default=1337)
+    g.add_argument("--show-probs", action="store_true", help="print the five likeliest candidates for each token")
+
+
+def eval_flags(e):
+    """The flags of eval: which questions, and greedy or a vote of samples."""
+    e.add_argument("-n", type=bounded(int, "-n", 1, 100_000), default=1000, help="questions per split")
+    e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
+    e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
+    e.add_argument("--votes", type=bounded(int, "--votes", 1, 100), default=1, help="majority of K sampled replies")
+    e.add_argument("--temperature", type=bounded(float, "--temperature", 0.01, 100), default=0.8,
+                   help="sampling temperature for --votes")
+    e.add_argument("--seed", type=SEED, default=0)
+    e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="tinyllm.py", description="A tiny language model that thinks step by step, in one file.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="train a model (default: on the built-in thinking corpus)", formatter_class=fmt)
+    train_flags(t)
+
     g = sub.add_parser("generate", help="continue a prompt with a trained model", formatter_class=fmt)
     e = sub.add_parser("eval", help="score a model on held-out word problems", formatter_class=fmt)
     c = sub.add_parser("chat", help="ask questions from the terminal (or a pipe)", formatter_class=fmt)
@@ -3044,24 +3074,8 @@ def build_parser():
         q.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: dynamic int8 linear layers (CPU)")
     for q in (pl, at, x):
         q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    g.add_argument("--prompt", required=True, help='text to continue; "\\n" means a new line')
-    g.add_argument("--max-new-tokens", type=bounded(int, "--max-new-tokens", 0, 100_000), default=200)
-    g.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
-    g.add_argument("--top-k", type=bounded(int, "--top-k", 1), default=None)
-    g.add_argument("--top-p", type=bounded(float, "--top-p", 0, 1, lo_open=True), default=None)
-    g.add_argument("--repetition-penalty", type=bounded(float, "--repetition-penalty", 0.01, 100), default=1.0)
-    g.add_argument("--stop", default=None, help="stop at this string (the end-of-example token always stops)")
-    g.add_argument("--num-samples", type=bounded(int, "--num-samples", 1, 1000), default=1)
-    g.add_argument("--seed", type=SEED, default=1337)
-    g.add_argument("--show-probs", action="store_true", help="print the five likeliest candidates for each token")
-    e.add_argument("-n", type=bounded(int, "-n", 1, 100_000), default=1000, help="questions per split")
-    e.add_argument("--split", default="questions", choices=[*SPLITS, "all"])
-    e.add_argument("--questions", help='a JSON Lines file: {"question": "...", "answer": 7} per line')
-    e.add_argument("--votes", type=bounded(int, "--votes", 1, 100), default=1, help="majority of K sampled replies")
-    e.add_argument("--temperature", type=bounded(float, "--temperature", 0.01, 100), default=0.8,
-                   help="sampling temperature for --votes")
-    e.add_argument("--seed", type=SEED, default=0)
-    e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    generate_flags(g)
+    eval_flags(e)
     c.add_argument("--temperature", type=temperature_flag("--temperature"), default=0.0, help="0 means greedy")
     c.add_argument("--top-k", type=bounded(int, "--top-k", 1), default=None)
     c.add_argument("--max-new-tokens", type=bounded(int, "--max-new-tokens", 0, 100_000), default=0, help="0: the context length")
