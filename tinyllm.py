@@ -1413,12 +1413,13 @@ def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettin
     """The whole lesson in one call: build the corpus, learn a tokenizer, train the default model for
     the budget, save it at out (a new file: nothing is overwritten), and score it on held-out
     questions. Returns (model, tokenizer, the summary `eval` prints)."""
-    claim_out(out, resume_asked=False, overwrite=False)                           # appendix: out is new and writable
+    claim_out(out, resume_asked=False, overwrite=False)                           # appendix: a new, writable file
     device = pick_device("auto")
     dtype = pick_dtype("auto", device)                                            # appendix: bf16 where it pays
     train_p, val_p = build_corpus(corpus_size, seed)                              # 2. stories and their working
     texts = ["".join(problem_text(p)) for p in train_p[:20_000]]
-    tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)                # 1. text <-> token ids
+    tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)       # 1. text <-> token ids
+    torch.manual_seed(seed)                                                       # the initial weights
     model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
     splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss masks
     settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
@@ -2696,7 +2697,8 @@ def say_if_learned(r, n_probe, settings, out):
         if settings.max_minutes:
             more += f" --max-minutes {math.ceil(r['elapsed'] / 60) + 10}"
         print(f"NOT LEARNED YET: the model writes only {100 * r['probe']:.0f}% of its working right (a "
-              f"model that has learned writes over {LEARNED:.0%}), so it gets most questions wrong. "
+              f"model that has learned writes over {LEARNED:.0%}), so it gets {'most' if r['probe'] < 0.5 else 'many'} "
+              f"questions wrong. "
               f"This machine gave it {r['tokens'] / 1e6:.1f}M training tokens; keep training with:\n"
               f"  python tinyllm.py train --out {shlex.quote(out)} --resume {more.strip()}")
 

@@ -570,6 +570,10 @@ def test_the_joining_chapter_trains_saves_and_scores_on_held_out_questions(tmp_p
     x = torch.tensor([tokenizer.encode(T.ask_prompt("What is 2 + 3?"))])
     assert torch.allclose(model.cpu().eval()(x)[0], again.eval()(x)[0])
     assert T.main(["info", "--checkpoint", out]) == 0
+    cli = str(tmp_path / "cli.pt")   # the chapter is the default train run: the same weights, bit for bit
+    assert T.main(["train", "--max-minutes", "0", "--max-iters", "30", "--corpus-size", "300", "--out", cli]) == 0
+    trained, _ = T.model_from_file(cli)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), trained.state_dict().values()))
     with pytest.raises(T.UserError, match="already holds a checkpoint"):   # never overwritten
         T.learn_to_think(out, max_iters=1, corpus_size=300)
 
