@@ -183,13 +183,8 @@ def encode_many(tokenizer, texts):
 # the wording hides: "gave 18 of them away" and "some were given away" lead to different equations,
 # and writing the equation first makes a wrong reading a visible, checkable error (evaluation
 # scores it), not a wrong number from nowhere.
-# The arithmetic is the same written working for every story. Columns go ones first; a missing digit
-# is 0; a carry is "+ 1" in the next column and a borrow "- 1" (the borrowing column shows its
-# 10 + digit, as in "12 - 7 = 5"). A difference is read off its columns before the 0s in front are
-# dropped: "16 - 11: 6 - 1 = 5, 1 - 1 = 0, so 16 - 11 = 05 = 5." Products add one group at a time and
-# count the groups still to add, "3 x 7: 7 (2 left), 7 + 7 = 14 (1 left), 14 + 7 = 21 (0 left)";
-# divisions take a group away until nothing is left. Either way the model decides when to stop by
-# reading a 0 it just wrote, not by comparing numbers far apart.
+# The arithmetic is the same written working for every story, a pupil's: columns ones first with
+# carries and borrows, products and divisions one group at a time (each function below says how).
 # The working never names people or objects, so it does not depend on them.
 #
 # Held-out splits are decided by rules, not by luck, so a test can prove them disjoint from training:
@@ -312,7 +307,8 @@ def which_is_more(x, y):
 
 
 def times_working(groups, size):
-    """groups x size by adding one group at a time; "(2 left)" counts the groups still to add."""
+    """groups x size by adding one group at a time; "(2 left)" counts the groups still to add, so the
+    model knows when to stop by reading a 0 it just wrote, not by comparing numbers far apart."""
     parts, total = [f"{size} ({groups - 1} left)"], size
     for k in range(2, groups + 1):
         parts.append(f"{total} + {size} = {total + size} ({groups - k} left)")
