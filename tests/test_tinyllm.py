@@ -559,7 +559,7 @@ def test_read_questions_and_its_errors(tmp_path):
 
 # 8. putting it together -------------------------------------------------------------------------
 
-def test_the_joining_chapter_trains_saves_and_scores_on_held_out_questions(tmp_path, capsys):
+def test_the_joining_chapter_trains_saves_and_scores_on_held_out_questions(tmp_path):
     out = str(tmp_path / "lesson.pt")
     model, tokenizer, summary = T.learn_to_think(out, minutes=0, max_iters=30, corpus_size=300, n_questions=14)
     assert summary["n"] == 14 and set(summary["per_split"]) == {"questions"}   # held-out questions, all scored
