@@ -344,7 +344,12 @@ def solve(reading):
     t = lhs.split()
     if len(t) == 3:
         a, op, b = int(t[0]), t[1], int(t[2])
-        work, ans = times_working(a, b) if op == "x" else divide_working(a, b) if op == "/" else column_working(a, op, b)
+        if op == "x":
+            work, ans = times_working(a, b)
+        elif op == "/":
+            work, ans = divide_working(a, b)
+        else:
+            work, ans = column_working(a, op, b)
         return work, ans, [(a, op, b)]
     # a chain: step k is headed by the chain up to it ("34 + 12 - 22: 46 - 22: ..."), so the next number
     # is a short copy from the header before, not a count along the chain (without the headers some
@@ -372,6 +377,7 @@ class Teller:
     def tensed(self, present, past):
         return past if self.tense else present
 
+    # a verb of having, getting or losing, in the story's tense ("has", "found", "gave away")
     def have(self): return self.pick(HAVE)[self.tense]
     def gain(self): return self.pick(GAIN)[self.tense]
     def lose(self): return self.pick(LOSE)[self.tense]
@@ -725,7 +731,7 @@ def param_report(cfg):
 class KVCache:
     """One layer's memory while generating (chapter 6): the keys and values of every token seen so
     far, so a new token's attention reads them instead of recomputing them. Two buffers, each
-    (B, n_head, block_size, head_size), made on the first call and filled in place; n are filled."""
+    (B, n_head, block_size, head_size), made on the first call and filled in place; the first n positions hold tokens."""
 
     def __init__(self, block_size):
         self.block_size, self.k, self.v, self.n = block_size, None, None, 0
@@ -1060,7 +1066,8 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
         start = time.perf_counter() - elapsed
         while True:
             progress = max(step / settings.max_iters, elapsed / budget)
-            stop.asked |= bool(settings.stop_after and step >= settings.stop_after)
+            if settings.stop_after and step >= settings.stop_after:   # as if interrupted
+                stop.asked = True
             if ddp:   # every rank follows rank 0's clock and Ctrl-C
                 progress, stop.asked = torchrun_follow_rank0(progress, stop.asked, device)
             last = progress >= 1.0 or stop.asked
@@ -2107,7 +2114,7 @@ def clear_stale_temporaries(folder):
 # that turns inf or nan stops the run before it overwrites the last good checkpoint.
 
 def check_finite(what, value, step, lr):
-    """value, unless it is inf or nan: then the run has diverged, and says what to try."""
+    """Returns value if it is finite; an inf or nan means the run diverged: stop, saying what to try."""
     if not math.isfinite(value):
         raise UserError(f"the {what} is {value} at step {step}: training diverged; "
                         f"try a lower --lr (now {lr}); the last checkpoint is intact")
@@ -2115,8 +2122,8 @@ def check_finite(what, value, step, lr):
 
 
 class Speedometer:
-    """Training tokens per second: since the last evaluation (for the log) and over the last few steps
-    (for the progress bar), on the wall clock."""
+    """Training tokens per second on the wall clock: since the last evaluation (for the log) and since
+    the bar's last update, ten steps ago (for the progress bar)."""
 
     def __init__(self, step, elapsed, tokens_per_step):
         self.tokens_per_step, self.at_log, self.at_bar = tokens_per_step, (step, elapsed), (step, time.perf_counter())
