@@ -1185,7 +1185,7 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     out = [[] for _ in range(B)]
     done = [False] * B
     caches, fed = None, 0   # fed: how many columns of idx the cache already holds
-    decoder = FastDecoder(model) if fast and FastDecoder.serves(model) else None
+    decoder = fast_decoder(model, dtype, B) if fast else None
     for _ in range(max_new_tokens):
         if idx.size(1) > bs:   # the context is full: keep its last 3/4 and rebuild the cache
             keep = max(1, 3 * bs // 4)
@@ -2481,7 +2481,9 @@ def torchrun_compare_weights(model):
 # q, k, v matmul (its second half, -x2 and x1, is a fixed shuffle and sign of q's and k's rows, so the
 # matmul can write rotated copies as well: q rotated is then q * cos + q_shuffled * sin); the cache
 # written by index; the fused attention kernel (one call instead of four); and no mask at all when no
-# row is padded (the newest query may look at every filled position).
+# row is padded (the newest query may look at every filled position). For one row in fp32 on a CPU,
+# NumpyDecoder does the same again in NumPy, whose small operations cost a fraction of PyTorch's;
+# fast_decoder chooses between them and keeps the one it made until a weight changes.
 
 class FastDecoder:
 
@@ -2542,6 +2544,93 @@ class FastDecoder:
             cache.n = n + 1
         return F.linear(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)[:, None]   # (B, 1, V)
 
+
+
+class NumpyDecoder(FastDecoder):
+    """FastDecoder's arithmetic in NumPy, for fp32 on a CPU. A NumPy operation on a small array costs
+    about a microsecond, a PyTorch one several (the dispatcher, autograd's bookkeeping, oneDNN's
+    choice of kernel), and at batch 1 a token is some sixty small operations. The weights are
+    transposed once into (in, out) arrays; the caches stay PyTorch's, read and written in place
+    through NumPy views of the same memory. GELU's erf alone is PyTorch's (NumPy has none)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        hs = self.C // self.n_head
+        arr = lambda t: None if t is None else t.detach().numpy()
+        mat = lambda w: np.ascontiguousarray(w.detach().numpy().T)   # (out, in) -> (in, out)
+        scale = np.ones(5 * self.C, np.float32)
+        scale[:self.C] = scale[3 * self.C:4 * self.C] = hs ** -0.5   # q and its shuffle: attention's 1/sqrt(hs), once
+        self.layers = [(arr(l1w), arr(l1b), mat(aw) * scale, None if ab is None else arr(ab) * scale, mat(pw), arr(pb),
+                        arr(l2w), arr(l2b), mat(fw), arr(fb), mat(ow), arr(ob))
+                       for l1w, l1b, aw, ab, pw, pb, l2w, l2b, fw, fb, ow, ob in self.layers]
+        self.wte, self.head = arr(model.wte.weight), mat(model.wte.weight)
+        self.ln_f = arr(model.ln_f.weight), arr(model.ln_f.bias)
+        self.cos, self.sin = arr(model.rope_cos), arr(model.rope_sin)
+
+    @staticmethod
+    def layer_norm(x, w, b):   # (B, C); sums, not means: NumPy's mean costs several times a sum
+        x = x - x.sum(-1, keepdims=True) * (1 / x.shape[-1])
+        x = x / np.sqrt((x * x).sum(-1, keepdims=True) * (1 / x.shape[-1]) + 1e-5)
+        return x * w if b is None else x * w + b
+
+    @staticmethod
+    def linear(x, w, b):
+        y = x @ w
+        if b is not None:
+            y += b
+        return y
+
+    def __call__(self, idx, caches, valid=None):
+        C, nh = self.C, self.n_head
+        B, hs, n = idx.size(0), C // nh, caches[0].n
+        if n + 1 > self.model.cfg.block_size:
+            raise ValueError(f"sequence of {n + 1} tokens is longer than block_size {self.model.cfg.block_size}")
+        if valid is None:
+            cos, sin, mask = self.cos[n], self.sin[n], None                                     # (head_size,)
+        else:
+            pos = valid[:, :n].sum(1).numpy()                                                 # (B,)
+            cos, sin = self.cos[pos].reshape(B, 1, 1, hs), self.sin[pos].reshape(B, 1, 1, hs)
+            mask = np.where(valid[:, :n + 1].numpy(), 0.0, -np.inf).astype(np.float32)[:, None, None]  # (B, 1, 1, n + 1)
+        x = self.wte[idx.view(B).numpy()]                                                     # (B, C)
+        for (ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b), cache \
+                in zip(self.layers, caches):
+            k, v = cache.k.numpy()[:, :, :n + 1], cache.v.numpy()[:, :, :n + 1]              # (B, n_head, n + 1, hs) views
+            qkv = self.linear(self.layer_norm(x, ln1_w, ln1_b), attn_w, attn_b).reshape(B, 5, nh, hs)
+            qk = qkv[:, :2] * cos
+            qk += qkv[:, 3:] * sin                                                            # rotated q, k: (B, 2, nh, hs)
+            k[:, :, n], v[:, :, n] = qk[:, 1], qkv[:, 2]
+            att = qk[:, 0, :, None] @ k.swapaxes(-1, -2)                                      # (B, nh, 1, n + 1)
+            if mask is not None:
+                att += mask
+            att = np.exp(att - att.max(-1, keepdims=True))
+            y = (att @ v) / att.sum(-1, keepdims=True)                                        # (B, nh, 1, hs)
+            x = x + self.linear(y.reshape(B, C), proj_w, proj_b)
+            h = self.linear(self.layer_norm(x, ln2_w, ln2_b), fc_w, fc_b)                     # (B, 4C)
+            g = torch.erf(torch.from_numpy(h * 0.5 ** 0.5)).numpy()   # GELU: x/2 (1 + erf(x / sqrt 2))
+            g += 1
+            g *= h
+            g *= 0.5
+            x += self.linear(g, out_w, out_b)
+        for cache in caches:
+            cache.n = n + 1
+        return torch.from_numpy(self.layer_norm(x, *self.ln_f) @ self.head)[:, None]         # (B, 1, V)
+
+
+def fast_decoder(model, dtype, batch):
+    """The decoder for the tokens after the prompt, or None (GPT.forward with the cache serves):
+    NumPy's for one row in fp32 on a CPU, FastDecoder otherwise (a batch is arithmetic more than
+    operations, and NumPy's stacked small matmuls are then many times slower than PyTorch's).
+    Gathering the weights costs about a millisecond, which short replies would pay again and again,
+    so a decoder is kept on the model and made anew only when a weight has changed (PyTorch counts
+    every in-place change in a tensor's _version)."""
+    if not FastDecoder.serves(model):
+        return None
+    kind = NumpyDecoder if model.wte.weight.device.type == "cpu" and dtype == "fp32" and batch == 1 else FastDecoder
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    kept = model.__dict__.setdefault("_decoders", {})
+    if kind not in kept or kept[kind][0] != weights:
+        kept[kind] = weights, kind(model)
+    return kept[kind][1]
 
 def streamer(tokenizer, stop=None):
     """An on_token callback that prints text as it comes. Only the tokens not yet printed are decoded

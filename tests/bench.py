@@ -1,4 +1,4 @@
-"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick] [--profile] [--int8 CHECKPOINT] [--device cuda]`.
+"""Speed on this machine: `python tests/bench.py [--repeats 5] [--quick] [--generation] [--profile] [--int8 CHECKPOINT] [--device cuda]`.
 
 Prints medians of several repeats: the matmul peaks (fp32, bf16), training tokens/s and model FLOPs
 utilisation (MFU) of the fast path against a plain fp32 eager path, generation with and without the
@@ -74,14 +74,26 @@ def base_shapes():
 
 
 def generation_table(model, lengths, r, dtype="fp32"):
-    print("\n| generation, batch 1, 64 new tokens, greedy | no cache tok/s | KV cache, GPT.forward tok/s | "
-          "KV cache, FastDecoder tok/s (the default) | fast / plain cache |\n| --- | --- | --- | --- | --- |")
+    """Batch-1 greedy generation through each path, the paths taking turns within every repeat (a
+    shared machine's speed drifts within a minute), medians of r. "FastDecoder" forces PyTorch's
+    fast step; the default is what generate chooses (NumPy's for fp32 on a CPU)."""
+    paths = {"no cache": dict(use_cache=False, fast=False), "KV cache, GPT.forward": dict(fast=False),
+             "KV cache, FastDecoder": dict(decoder=lambda m, d, b: T.FastDecoder(m)),
+             "KV cache, the default": dict()}
+    print("\n| generation, batch 1, 64 new tokens, greedy | " + " tok/s | ".join(paths) + " tok/s | default / "
+          "GPT.forward |\n" + "| --- " * (len(paths) + 2) + "|")
+    chosen = T.fast_decoder
     for plen in lengths:
-        prompt = [[1 + i % 100 for i in range(plen)]]
-        speeds = [64 / timed(lambda: T.generate(model, prompt, 64, use_cache=c, dtype=dtype, fast=f), r, warm=1)
-                  for c, f in ((False, False), (True, False), (True, True))]
-        print(f"| context {plen} -> {plen + 64} | {speeds[0]:,.0f} | {speeds[1]:,.0f} | {speeds[2]:,.0f} | "
-              f"{speeds[2] / speeds[1]:.2f}x |")
+        prompt, speeds = [[1 + i % 100 for i in range(plen)]], {k: [] for k in paths}
+        for _ in range(r):
+            for name, kw in paths.items():
+                T.fast_decoder = kw.get("decoder", chosen)
+                flags = {k: v for k, v in kw.items() if k != "decoder"}
+                speeds[name].append(64 / timed(lambda: T.generate(model, prompt, 64, dtype=dtype, **flags), 1, warm=1))
+                T.fast_decoder = chosen
+        med = [statistics.median(v) for v in speeds.values()]
+        print(f"| context {plen} -> {plen + 64} | " + " | ".join(f"{m:,.0f}" for m in med) + f" | {med[-1] / med[1]:.2f}x |")
+    print(f"(the default here: {type(T.fast_decoder(model, dtype, 1)).__name__})")
 
 
 def main():
@@ -90,12 +102,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller measurements, for a smoke test")
     ap.add_argument("--int8", metavar="CHECKPOINT", help="only compare a trained checkpoint with its int8 version")
     ap.add_argument("--profile", action="store_true", help="only profile the fast path at the reference shape")
+    ap.add_argument("--generation", action="store_true", help="only the generation table")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU path instead")
     a = ap.parse_args()
     if a.device == "cuda":
         return cuda_bench(a.repeats)
     if a.int8:
         return int8_table(a.int8, a.repeats)
+    if a.generation:
+        return generation_table(T.GPT(T.Config(vocab_size=512)).eval(), [32, 128], a.repeats)
     if a.profile:
         _, ref, batch = base_shapes()[1]
         return train_speed(ref, batch, T.pick_dtype("auto", "cpu"), {}, a.repeats, profile=True)

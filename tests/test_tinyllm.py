@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -417,10 +418,12 @@ def test_kv_cache_matches_full_recomputation():
     assert batch == [T.generate(model, [p], 15, temperature=0.0)[0] for p in prompts]
 
 
-def test_fast_decoding_step_is_the_models_own_arithmetic():
-    model = tiny_model(block_size=24)
+@pytest.mark.parametrize("decoder, bias", [("FastDecoder", True), ("NumpyDecoder", True), ("NumpyDecoder", False)])
+def test_fast_decoding_step_is_the_models_own_arithmetic(decoder, bias):
+    model = tiny_model(block_size=24, bias=bias)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    assert T.generate(model, prompts, 40, fast=True) == T.generate(model, prompts, 40, fast=False)
+    assert T.generate(model, prompts, 40, fast=True) == T.generate(model, prompts, 40, fast=False)   # a batch
+    assert all(T.generate(model, [p], 40) == T.generate(model, [p], 40, fast=False) for p in prompts)   # one row
     for rows, padded in ((prompts[1:2], False), (prompts, True)):   # one row alone, and left-padded rows
         n = max(map(len, rows))
         idx = torch.tensor([[0] * (n - len(p)) + p for p in rows])
@@ -432,11 +435,28 @@ def test_fast_decoding_step_is_the_models_own_arithmetic():
             for caches in (plain, fast):
                 model(idx, caches=caches, valid=valid[:, :n] if padded else None)
             want = model(nxt, caches=plain, valid=valid if padded else None)[0]
-            got = T.FastDecoder(model)(nxt, fast, valid if padded else None)
+            got = getattr(T, decoder)(model)(nxt, fast, valid if padded else None)
         assert got.shape == want.shape == (len(rows), 1, model.cfg.vocab_size)
         assert torch.allclose(got, want, atol=1e-5)
         assert [c.n for c in fast] == [c.n for c in plain] == [n + 1] * model.cfg.n_layer
         assert all(torch.allclose(f.k[:, :, :n + 1], p.k[:, :, :n + 1], atol=1e-6) for f, p in zip(fast, plain))
+
+
+def test_the_decoder_is_kept_until_a_weight_changes():
+    model = tiny_model()
+    first = T.fast_decoder(model, "fp32", 1)
+    assert type(first) is T.NumpyDecoder and T.fast_decoder(model, "fp32", 1) is first
+    assert type(T.fast_decoder(model, "bf16", 1)) is T.FastDecoder   # autocast: PyTorch's kernels
+    assert type(T.fast_decoder(model, "fp32", 8)) is T.FastDecoder   # a batch: PyTorch's matmuls
+    for change in (lambda: model.h[0].mlp.c_fc.weight.mul_(3.0),   # in place, as an optimizer step
+                   lambda: model.load_state_dict(tiny_model(seed=1).state_dict())):
+        with torch.no_grad():
+            change()
+        now = T.fast_decoder(model, "fp32", 1)
+        assert now is not first and T.fast_decoder(model, "fp32", 1) is now
+        assert np.array_equal(now.layers[0][8], model.h[0].mlp.c_fc.weight.detach().numpy().T)
+        assert T.generate(model, [[1, 2, 3]], 10) == T.generate(model, [[1, 2, 3]], 10, fast=False)
+        first = now
 
 
 def test_same_seed_same_samples_and_greedy_is_argmax():
