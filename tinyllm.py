@@ -2545,11 +2545,10 @@ class FastDecoder:
         return F.linear(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias), model.wte.weight)[:, None]   # (B, 1, V)
 
 
-
 class NumpyDecoder(FastDecoder):
     """FastDecoder's arithmetic in NumPy, for fp32 on a CPU. A NumPy operation on a small array costs
     about a microsecond, a PyTorch one several (the dispatcher, autograd's bookkeeping, oneDNN's
-    choice of kernel), and at batch 1 a token is some sixty small operations. The weights are
+    choice of kernel), and at batch 1 each layer is some sixty small operations. The weights are
     transposed once into (in, out) arrays; the caches stay PyTorch's, read and written in place
     through NumPy views of the same memory. GELU's erf alone is PyTorch's (NumPy has none)."""
 
@@ -2625,12 +2624,14 @@ def fast_decoder(model, dtype, batch):
     every in-place change in a tensor's _version)."""
     if not FastDecoder.serves(model):
         return None
-    kind = NumpyDecoder if model.wte.weight.device.type == "cpu" and dtype == "fp32" and batch == 1 else FastDecoder
+    w = model.wte.weight
+    kind = NumpyDecoder if (w.device.type, w.dtype, dtype, batch) == ("cpu", torch.float32, "fp32", 1) else FastDecoder
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
     kept = model.__dict__.setdefault("_decoders", {})
     if kind not in kept or kept[kind][0] != weights:
         kept[kind] = weights, kind(model)
     return kept[kind][1]
+
 
 def streamer(tokenizer, stop=None):
     """An on_token callback that prints text as it comes. Only the tokens not yet printed are decoded
