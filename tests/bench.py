@@ -81,7 +81,7 @@ def generation_table(model, lengths, r, dtype="fp32"):
              "KV cache, FastDecoder": dict(decoder=lambda m, d, b: T.FastDecoder(m)),
              "KV cache, the default": dict()}
     print("\n| generation, batch 1, 64 new tokens, greedy | " + " tok/s | ".join(paths) + " tok/s | default / "
-          "GPT.forward |\n" + "| --- " * (len(paths) + 2) + "|")
+          "FastDecoder |\n" + "| --- " * (len(paths) + 2) + "|")
     chosen = T.fast_decoder
     for plen in lengths:
         prompt, speeds = [[1 + i % 100 for i in range(plen)]], {k: [] for k in paths}
@@ -92,7 +92,7 @@ def generation_table(model, lengths, r, dtype="fp32"):
                 speeds[name].append(64 / timed(lambda: T.generate(model, prompt, 64, dtype=dtype, **flags), 1, warm=1))
                 T.fast_decoder = chosen
         med = [statistics.median(v) for v in speeds.values()]
-        print(f"| context {plen} -> {plen + 64} | " + " | ".join(f"{m:,.0f}" for m in med) + f" | {med[-1] / med[1]:.2f}x |")
+        print(f"| context {plen} -> {plen + 64} | " + " | ".join(f"{m:,.0f}" for m in med) + f" | {med[-1] / med[2]:.2f}x |")
     print(f"(the default here: {type(T.fast_decoder(model, dtype, 1)).__name__})")
 
 
