@@ -731,7 +731,8 @@ def param_report(cfg):
 class KVCache:
     """One layer's memory while generating (chapter 6): the keys and values of every token seen so
     far, so a new token's attention reads them instead of recomputing them. Two buffers, each
-    (B, n_head, block_size, head_size), made on the first call and filled in place; the first n positions hold tokens."""
+    (B, n_head, block_size, head_size), made on the first call and filled in place; the first n
+    positions hold tokens."""
 
     def __init__(self, block_size):
         self.block_size, self.k, self.v, self.n = block_size, None, None, 0
@@ -1170,8 +1171,8 @@ def generate(model, prompts, max_new_tokens, end_id=None, temperature=0.0, top_k
     Prompts of different lengths are left-padded and masked, so one batch serves them all. With the
     cache, the prompts run through the model once and then one token per step; without it, the
     whole context runs every step (slow, but it is the definition: tests check they agree). fast: the
-    tokens after the prompt go through FastDecoder (in the appendix), the same arithmetic in fewer
-    operations."""
+    tokens after the prompt go through the decoder fast_decoder chooses (in the appendix), the same
+    arithmetic in fewer operations."""
     was_training = model.training
     model.eval()   # no dropout while generating; the caller's mode comes back at the end
     device = next(model.parameters()).device
@@ -2546,9 +2547,9 @@ class FastDecoder:
 
 
 class NumpyDecoder(FastDecoder):
-    """FastDecoder's arithmetic in NumPy, for fp32 on a CPU. A NumPy operation on a small array costs
-    about a microsecond, a PyTorch one several (the dispatcher, autograd's bookkeeping, oneDNN's
-    choice of kernel), and at batch 1 each layer is some sixty small operations. The weights are
+    """FastDecoder's arithmetic in NumPy, for one row in fp32 on a CPU. A NumPy operation on a small
+    array takes a third to a half of the time of PyTorch's, and at batch 1 each layer is some sixty
+    small operations. The weights are
     transposed once into (in, out) arrays; the caches stay PyTorch's, read and written in place
     through NumPy views of the same memory. GELU's erf alone is PyTorch's (NumPy has none)."""
 
