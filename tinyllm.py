@@ -854,8 +854,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, loss_mask=None, caches=None, valid=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean loss if targets are given.
+    def forward(self, idx, targets=None, weights=None, caches=None, valid=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean loss if targets are given
+        (weighted by `weights` (B, T), if given: how much each target counts).
 
         For generation, `caches` holds each layer's KVCache, and `valid` (B, T_total)
         marks the real tokens of left-padded prompts: padding is neither attended to nor counted
@@ -884,10 +885,10 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), reduction="none")
-        if loss_mask is None:
+        if weights is None:
             return logits, loss.mean()
-        loss_mask = loss_mask.view(-1).float()
-        return logits, (loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        weights = weights.view(-1).float()
+        return logits, (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 # Try this: train with --n-layer 2 and compare the validation loss and eval accuracy with the
@@ -900,32 +901,40 @@ class GPT(nn.Module):
 # Training wants random windows of block_size + 1 token ids: x is the window without its last id,
 # y the window shifted by one (the next token at every position). Your text is one long array of
 # ids (read and tokenized once, then memory-mapped from disk: read_text_files and cached_ids in the
-# appendix). The thinking corpus also keeps a loss mask (1 on the answer's tokens) and starts every
-# window at the start of a problem, so the model always sees its question.
+# appendix). The thinking corpus also keeps a loss weight per token and starts every window at the
+# start of a problem, so the model always sees its question. What is scored is the answer (weight 1);
+# the question gets a small weight too (QUESTION_WEIGHT): predicting a story's words, names and
+# numbers as it is read makes the model learn to look back and copy, which reading the story into
+# an equation needs, before the answer alone would teach it.
 # -----------------------------------------------------------------------------------------------
 
 
-def corpus_arrays(problems, tokenizer, direct=False):
-    """Token ids, loss mask and start offsets of the problems, one after another, END after each."""
+QUESTION_WEIGHT = 0.5   # the loss weight of a question's tokens in training; the answer's is 1
+
+
+def corpus_arrays(problems, tokenizer, direct=False, question_weight=0.0):
+    """Token ids, loss weights and start offsets of the problems, one after another, END after each."""
     prompts, completions = zip(*(problem_text(p, direct) for p in problems))
     p_ids, c_ids = encode_many(tokenizer, list(prompts)), encode_many(tokenizer, list(completions))
     ids = np.fromiter((t for p, c in zip(p_ids, c_ids) for t in (*p, *c, tokenizer.end_id)), dtype=np.int32)
     lengths = np.array([(len(p), len(c) + 1) for p, c in zip(p_ids, c_ids)]).ravel()   # prompt, answer, ...
-    mask = np.repeat(np.tile(np.array([0, 1], dtype=np.uint8), len(p_ids)), lengths)
+    weights = np.array([question_weight, 1], dtype=np.float32)
+    weights = np.repeat(np.tile(weights, len(p_ids)), lengths)
     starts = np.concatenate([[0], np.cumsum(lengths.reshape(-1, 2).sum(1))[:-1]])
-    return ids, mask, starts
+    return ids, weights, starts
 
 
 def corpus_splits(train_p, val_p, tokenizer, block_size, direct=False):
-    """The built-in corpus as training and validation data: ids, loss mask and problem starts each."""
-    ids, mask, starts = corpus_arrays(train_p, tokenizer, direct)
-    v_ids, v_mask, v_starts = corpus_arrays(val_p, tokenizer, direct)
+    """The built-in corpus as training and validation data: ids, loss weights and problem starts each.
+    The validation loss is the answer's alone, so it reads the same whatever the question's weight."""
+    ids, weights, starts = corpus_arrays(train_p, tokenizer, direct, QUESTION_WEIGHT)
+    v_ids, v_weights, v_starts = corpus_arrays(val_p, tokenizer, direct)
     longest = int(np.diff(np.append(starts, len(ids))).max())   # prompt + completion + END, in tokens
     if longest > block_size + 1:   # its answer would be cut off: the model would never learn to write it
         raise UserError(f"the longest training problem is {longest} tokens: --block-size must be at least "
                         f"{longest - 1} (now {block_size})")
-    return {"train": {"ids": ids, "mask": mask, "starts": starts},
-            "val": {"ids": v_ids, "mask": v_mask, "starts": v_starts}}
+    return {"train": {"ids": ids, "weights": weights, "starts": starts},
+            "val": {"ids": v_ids, "weights": v_weights, "starts": v_starts}}
 
 
 def text_splits(ids, val_fraction, block_size):
@@ -941,7 +950,7 @@ def text_splits(ids, val_fraction, block_size):
 
 
 def get_batch(data, batch_size, block_size, gen, device):
-    """A batch of (x, y, loss mask): x, y (B, block_size). `data` is dict(ids, mask?, starts?)."""
+    """A batch of (x, y, loss weights): x, y (B, block_size). `data` is dict(ids, weights?, starts?)."""
     ids, starts = data["ids"], data.get("starts")
     if starts is not None:   # start at a problem's beginning, and leave room for a full window
         starts = starts[: np.searchsorted(starts, len(ids) - block_size - 1)]
@@ -950,9 +959,9 @@ def get_batch(data, batch_size, block_size, gen, device):
         ix = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen).numpy()
     x = torch.from_numpy(np.stack([np.asarray(ids[i:i + block_size], dtype=np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([np.asarray(ids[i + 1:i + 1 + block_size], dtype=np.int64) for i in ix]))
-    mask = data.get("mask")   # the loss mask of the targets, if the data has one
-    mask = None if mask is None else torch.from_numpy(np.stack([mask[i + 1:i + 1 + block_size] for i in ix])).to(device)
-    return x.to(device), y.to(device), mask
+    w = data.get("weights")   # the loss weights of the targets, if the data has them
+    w = None if w is None else torch.from_numpy(np.stack([w[i + 1:i + 1 + block_size] for i in ix])).to(device)
+    return x.to(device), y.to(device), w
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1099,9 +1108,9 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(settings.grad_accum):
-                x, y, mask = get_batch(splits["train"], settings.batch_size, model.cfg.block_size, gen, device)
+                x, y, weights = get_batch(splits["train"], settings.batch_size, model.cfg.block_size, gen, device)
                 with autocast(device, dtype):
-                    _, loss = fwd(x, y, mask)
+                    _, loss = fwd(x, y, weights)
                 (loss / settings.grad_accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -1378,7 +1387,7 @@ def summarize(scored):
 # 8. Putting it together
 # The chapters joined, as the default `python tinyllm.py train` and `eval` join them: problems with
 # their working (chapter 2), a tokenizer learned from their text (1), the model (3), the problems
-# as windows and loss masks (4), training (5) with a probe that generates (6) and scores (7) at every
+# as windows and loss weights (4), training (5) with a probe that generates (6) and scores (7) at every
 # evaluation, then held-out questions it never trained on. cmd_train does the same with every flag,
 # with --resume, and with your own text instead of the corpus.
 #
@@ -1425,7 +1434,7 @@ def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettin
     tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)       # 1. text <-> token ids
     torch.manual_seed(seed)                                                       # the initial weights
     model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
-    splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss masks
+    splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss weights
     settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
     meta = {"data": None, "corpus_format": "working", "corpus_size": corpus_size, "device": device, "dtype": dtype,
             "settings": asdict(settings)}                                         # saved in the checkpoint

@@ -217,8 +217,8 @@ def int8_table(path, r):
     model.eval()
     models = {"fp32": model, "int8 (dynamic, linear layers)": T.quantize_int8(model)}
     _, val = T.build_corpus(10, seed=ck["meta"]["settings"]["seed"])
-    ids, mask, starts = T.corpus_arrays(val, tok)
-    data = {"ids": ids, "mask": mask, "starts": starts}
+    ids, weights, starts = T.corpus_arrays(val, tok)
+    data = {"ids": ids, "weights": weights, "starts": starts}
     problems = T.make_split("questions", 300, seed=0)
     prompt = [tok.encode("Q: " + problems[0]["question"] + "\nA:")]
     print(f"{path}: {torch.get_num_threads()} threads, medians of {r} repeats\n")

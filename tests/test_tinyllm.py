@@ -377,13 +377,27 @@ def test_cached_ids_are_reused_and_memory_mapped(tmp_path):
     assert len(os.listdir(tmp_path)) == 1
 
 
-def test_answer_only_loss_mask():
+def test_loss_weights_score_the_answer_and_weigh_the_question_less():
     tok = T.CharTokenizer("".join(chr(i) for i in range(32, 127)) + "\n")
     problems = T.build_corpus(50, seed=0)[0][:3]
-    ids, mask, starts = T.corpus_arrays(problems, tok)
+    ids, weights, starts = T.corpus_arrays(problems, tok)
     p, c = T.problem_text(problems[0])
-    assert mask[:len(p)].sum() == 0 and mask[len(p):len(p) + len(c) + 1].all()
+    assert weights[:len(p)].sum() == 0 and (weights[len(p):len(p) + len(c) + 1] == 1).all()
     assert tok.decode(ids[starts[1]:starts[1] + 3].tolist()) == "Q: "
+    splits = T.corpus_splits(problems, problems, tok, block_size=400)
+    train_w, val_w = splits["train"]["weights"], splits["val"]["weights"]
+    assert 0 < T.QUESTION_WEIGHT < 1
+    assert (train_w[:len(p)] == T.QUESTION_WEIGHT).all() and (train_w[len(p):len(p) + len(c) + 1] == 1).all()
+    assert (val_w == weights).all()   # the validation loss is the answer's alone
+    # the loss is the weighted mean: weight 0 drops a target, equal weights give the plain mean
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=64)
+    x = torch.from_numpy(ids[:40].astype("int64"))[None]
+    y = torch.from_numpy(ids[1:41].astype("int64"))[None]
+    w = torch.zeros(1, 40)
+    w[0, 5] = 1.0
+    per_token = torch.nn.functional.cross_entropy(model(x)[0][0], y[0], reduction="none")
+    assert torch.allclose(model(x, y, w)[1], per_token[5])
+    assert torch.allclose(model(x, y, torch.full((1, 40), 0.5))[1], per_token.mean())
 
 
 def test_lr_schedule():
