@@ -590,7 +590,7 @@ def make_training_problems(n, seed, exclude_questions):
 EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
 LAST_VALUE = re.compile(r"= (\d+)\.")   # the value a working ends at: "so 47 + 35 = 82.", "so ? = 24."
 COMPARISON = re.compile(r"(\d+) vs (\d+): [^.]*\.")   # "54 vs 52: 5 = 5, 4 > 2.", checked by which_is_more
-READING = re.compile(r"(?<![\d?])(?<![\d?] )([\d?]+(?: [-+x/] [\d?]+)+ = [\d?]+)\.")   # "18 + ? = 44.": the story read
+READING = re.compile(r"(?<![\d?])(?<![\d?] )((?:\d+|\?)(?: [-+x/] (?:\d+|\?))+ = (?:\d+|\?))\.")   # "18 + ? = 44.": the story read
 
 
 def reading_value(text):

@@ -555,6 +555,12 @@ def test_score_reply_on_hand_written_replies():
     assert slip["read_ok"] and not slip["equations_ok"]           # read right, computed wrong
     assert T.reading_value("? - 18 = 25. ? = 25 + 18.") == 43 and T.reading_value("6 x ? = 42.") == 7
     assert T.reading_value("3 x 4 + 5 = ?.") == 17 and T.reading_value("no reading here") is None
+    assert T.reading_value("3? + 4 = 7.") is None and not T.score_reply(" 3? + 4 = 7.\nAnswer: 3", 3)["read_ok"]
+    # whatever a half-trained model writes, reading it never raises: one odd reply must not stop an eval
+    rng = random.Random(0)
+    pieces = list("0123456789?") * 3 + [" ", " + ", " - ", " x ", " / ", " = ", ". ", ": ", " vs ", " < ", "\nAnswer: "]
+    for _ in range(5000):
+        T.score_reply("".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))), 7)
     false_sign = T.score_reply(" 49 vs 48: 4 < 4. 48 + ? = 49: 8 + 1 = 9, 4 + 0 = 4, so ? = 1.\nAnswer: 1", 1)
     assert false_sign["correct"] and not false_sign["equations_ok"]   # a false comparison is a false step
 
