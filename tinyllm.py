@@ -16,14 +16,16 @@ Speed measurements live outside the lesson, in tests/bench.py.
 Map of the file:
     1. tokenizers          characters or byte-level BPE, one end-of-example token
     2. the thinking corpus word problems, the written working, the held-out splits
-    3. the model           embeddings, causal self-attention, MLP, blocks, the tied output head
-    4. data                reading text files, caching token ids on disk, batches
-    5. training            AdamW groups, warm-up + cosine schedule, the loop, checkpoints
+    3. the model           embeddings, rotary positions, causal self-attention, MLP, blocks, the tied head
+    4. data                windows of token ids, batches, a loss weight per token
+    5. training            AdamW groups, warm-up + cosine schedule, the probe, the loop
     6. sampling            temperature, top-k, top-p, repetition penalty, the KV cache
     7. evaluation          asking questions, reading `Answer: N`, checking the working
-    8. appendix: tools     training log and plot, token probabilities, attention maps, chat,
-                           int8, export to ONNX and Hugging Face, torchrun (not part of the lesson)
-    9. the command line    argparse subcommands that call the sections above
+    8. putting it together the chapters joined in one function, learn_to_think
+    9. appendix: tools     the story catalogue, checkpoints, big text, resume, fast decoders, log and
+                           plot, attention maps, chat, int8, ONNX and Hugging Face export, torchrun
+                           (not part of the lesson)
+   10. the command line    argparse subcommands that call the chapters above
 """
 
 import argparse
