@@ -905,7 +905,7 @@ class GPT(nn.Module):
 # ids (read and tokenized once, then memory-mapped from disk: read_text_files and cached_ids in the
 # appendix). The thinking corpus also keeps a loss weight per token and starts every window at the
 # start of a problem, so the model always sees its question. What is scored is the answer (weight 1);
-# the question gets a small weight too (QUESTION_WEIGHT): predicting a story's words, names and
+# the question counts half (QUESTION_WEIGHT): predicting a story's words, names and
 # numbers as it is read makes the model learn to look back and copy, which reading the story into
 # an equation needs, before the answer alone would teach it.
 # -----------------------------------------------------------------------------------------------
