@@ -678,7 +678,7 @@ def test_cli_thinking_corpus_train_and_eval(tmp_path):
                 "--batch-size", "4", "--max-iters", "4", "--eval-interval", "2", "--out", ck)
     assert r.returncode == 0, r.stderr
     assert "probe 0.0% (200 validation problems written exactly)" in r.stdout
-    assert "batch 4 x 192, lr 0.002," in r.stdout and "bpe tokenizer" in r.stdout   # the built-in corpus's own defaults
+    assert "batch 4 x 192, lr 0.003," in r.stdout and "bpe tokenizer" in r.stdout   # the built-in corpus's own defaults
     # four steps teach nothing: the run says so, and the command it gives continues the same run
     assert "NOT LEARNED YET" in r.stdout and "it has not reached 95%" in r.stdout
     again = r.stdout.strip().splitlines()[-1].split()
