@@ -1024,7 +1024,7 @@ class TrainSettings:
     # 3e-3 rather than 2e-3: at a fixed 4.0M tokens, three seeds each, the probe written exactly had a
     # median of 93.0% against 88.0%, each seed better; 4e-3 and 5e-3 fell back (medians 90.5, 89.5%).
     lr: float = 3e-3
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1      # the thinking corpus at 4.0M tokens: 0 and 0.3 did no better (medians 92.0, 90.0%)
     warmup: float = 0.03           # share of the run spent warming up
     max_iters: int = 1_000_000
     max_minutes: float = 9.0
