@@ -29,6 +29,7 @@ Map of the file:
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -974,6 +975,12 @@ def get_batch(data, batch_size, block_size, gen, device):
 # down to 0, so the last steps settle the weights. Gradients are clipped to norm 1. On CUDA and on
 # CPUs with bf16 units, matrix multiplies run in bfloat16 under autocast; the weights and the
 # optimizer stay in float32.
+# While the learning rate is high, each batch of 8 pushes the weights a little way off in its own
+# direction, so they wander around the weights that would serve every batch. Their running average
+# (an exponential moving average, EMA, over about the last hundred steps) sits nearer the centre:
+# it is what evaluation measures and what a checkpoint holds as the model. The average is as good as
+# the weights would be once the learning rate had decayed, long before it has, so how much a model
+# has learned no longer depends on how long the schedule is.
 # A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
 # nothing in it can run code. save_checkpoint (appendix) writes it so that a crash never leaves
 # half of one; pick_dtype (appendix) decides whether bf16 pays on this machine.
@@ -1026,6 +1033,7 @@ class TrainSettings:
     lr: float = 3e-3
     weight_decay: float = 0.1      # the thinking corpus at 4.0M tokens: 0 and 0.3 did no better (medians 92.0, 90.0%)
     warmup: float = 0.03           # share of the run spent warming up; 0.01 and 0.1 did no better (90.0, 92.0%)
+    ema: float = 0.99              # the weights' running average keeps this share of itself each step; 0: none
     max_iters: int = 1_000_000
     max_minutes: float = 9.0
     eval_interval: int = 250
@@ -1062,12 +1070,15 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
     ddp = torch.distributed.is_available() and torch.distributed.is_initialized()   # torchrun (appendix)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     model.to(device)
+    # the weights' running average, evaluated and saved as the model (a resumed model is the average)
+    average = copy.deepcopy(model) if settings.ema else model
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, device)
     gen = torch.Generator().manual_seed(settings.seed + rank)   # batches come from here (each rank its own)
     torch.manual_seed(settings.seed)                            # dropout
     step, elapsed, best_val, learned_at = 0, 0.0, float("inf"), None   # learned_at: tokens when the probe first passed LEARNED
     if resume_state is not None:   # appendix: the counters, the optimizer and the random streams as they were saved
-        step, elapsed, best_val, learned_at = restore_training(resume_state, optimizer, gen, settings.seed, rank, device)
+        step, elapsed, best_val, learned_at = restore_training(resume_state, model, optimizer, gen, settings.seed,
+                                                               rank, device)
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
     fwd = torch.compile(fwd) if settings.compile else fwd
     budget = settings.max_minutes * 60 if settings.max_minutes else float("inf")
@@ -1086,10 +1097,10 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                 progress, stop.asked = torchrun_follow_rank0(progress, stop.asked, device)
             last = progress >= 1.0 or stop.asked
             if (step % settings.eval_interval == 0 or last) and rank == 0:
-                losses = estimate_loss(model, splits, settings, device, dtype)
+                losses = estimate_loss(average, splits, settings, device, dtype)
                 val_loss = check_finite("validation loss", losses.get("val", losses["train"]), step, settings.lr)
                 history.append(val_loss)
-                text, accuracy = probe(model) if probe is not None else (None, None)
+                text, accuracy = probe(average) if probe is not None else (None, None)
                 tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f} "
                            f"{sparkline(history)}" + (", " + text if text else ""))
                 if accuracy is not None and accuracy >= LEARNED and learned_at is None:
@@ -1099,9 +1110,11 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                                           "elapsed": round(elapsed, 2), "tokens_per_s": meter.since_log(step, elapsed)},
                            accuracy, learned_at)
                 if step > 0 or resume_state is not None:   # the weights, the optimizer and the random streams
-                    state = training_state(model, tokenizer, optimizer, gen, meta, step=step, elapsed=elapsed,
+                    state = training_state(average, tokenizer, optimizer, gen, meta, step=step, elapsed=elapsed,
                                            best_val_loss=min(best_val, val_loss), val_loss=val_loss,
                                            tokens_to_learned=learned_at)
+                    if average is not model:   # --resume goes on from the weights themselves
+                        state["training_weights"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                     if val_loss < best_val:
                         best_val = val_loss
                         save_checkpoint(best_path(settings.out), state)
@@ -1119,6 +1132,11 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not model:   # average += (1 - keep) (weights - average); young, it keeps less of itself
+                keep = min(settings.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for a, w in zip(average.parameters(), model.parameters()):
+                        a.lerp_(w, 1 - keep)
             step += 1
             if settings.compile and step == at_start + 1:   # this step compiled the model: not training time, or the
                 start += time.perf_counter() - t_step   # time-based warm-up would be over before it began
@@ -1129,6 +1147,7 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                 bar.update(10)
     if ddp:
         torchrun_compare_weights(model)
+    model.load_state_dict(average.state_dict())   # the model the caller goes on with is the one saved
     return {"step": step, "elapsed": elapsed, "val_loss": val_loss, "best_val_loss": best_val,
             "interrupted": stop.asked, "tokens": step * tokens_per_step, "probe": accuracy,
             "tokens_to_learned": learned_at}
@@ -1871,7 +1890,7 @@ def setting_ok(name, v):
     if isinstance(default, int):
         return isinstance(v, int) and v >= (1 if name in ("batch_size", "grad_accum", "eval_interval", "eval_iters",
                                                           "max_iters") else 0)
-    return v >= 0 and (name != "lr" or v > 0)
+    return v >= 0 and (name != "lr" or v > 0) and (name != "ema" or v < 1)
 
 
 def check_resume(ck, path):
@@ -2151,9 +2170,13 @@ class Speedometer:
         return (step - s) * self.tokens_per_step / max(self.at_bar[1] - t, 1e-9)
 
 
-def restore_training(resume_state, optimizer, gen, seed, rank, device):
-    """Load a checkpoint's optimizer and random state; returns (step, elapsed, best_val, learned_at)."""
+def restore_training(resume_state, model, optimizer, gen, seed, rank, device):
+    """Load a checkpoint's training weights (its "model" is their average; a checkpoint without them
+    goes on from the average), optimizer and random state; returns (step, elapsed, best_val, learned_at)."""
     step = resume_state["step"]
+    if "training_weights" in resume_state:
+        check_weights(resume_state["training_weights"], model.cfg, "the checkpoint's training weights")
+        model.load_state_dict(resume_state["training_weights"])
     try:
         optimizer.load_state_dict(resume_state["optimizer"])
         gen.set_state(resume_state["rng"]["batches"]) if rank == 0 else gen.manual_seed(seed + rank + step)
@@ -2848,7 +2871,7 @@ def new_model(f, texts, thinking, given):
 def train_settings(f, device, dtype, weight_decay, resume):
     """TrainSettings from the flags; a resumed run keeps its own, but for the budgets and the device."""
     settings = TrainSettings(out=f.out, batch_size=f.batch_size, grad_accum=f.grad_accum, lr=f.lr,
-                             weight_decay=weight_decay, warmup=f.warmup, max_iters=f.max_iters,
+                             weight_decay=weight_decay, warmup=f.warmup, ema=f.ema, max_iters=f.max_iters,
                              max_minutes=f.max_minutes, eval_interval=f.eval_interval, seed=f.seed,
                              device=device, dtype=dtype, compile=f.compile, stop_after=f.stop_after)
     if resume is None:
@@ -3109,6 +3132,9 @@ def train_flags(t):
                    help="peak learning rate (default: 3e-3)")
     t.add_argument("--warmup", type=bounded(float, "--warmup", 0, 0.5), default=TrainSettings.warmup,
                    help="share of the run spent warming up")
+    t.add_argument("--ema", type=bounded(float, "--ema", 0, 0.9999), default=TrainSettings.ema,
+                   help="the weights' running average, evaluated and saved, keeps this share of itself a "
+                        "step (default: 0.99, about the last 100 steps; 0: the weights themselves)")
     t.add_argument("--max-iters", type=bounded(int, "--max-iters", 1, 10 ** 9), default=TrainSettings.max_iters,
                    help="stop after this many steps")
     t.add_argument("--max-minutes", type=bounded(float, "--max-minutes", 0), default=TrainSettings.max_minutes,
