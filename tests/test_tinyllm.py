@@ -688,6 +688,8 @@ def test_shape_and_regularisation_follow_how_often_the_budget_reads_the_text(tmp
     ten_minutes = [T.fit_to_text(n, 10, 1_000_000, 16, 128) for n in (10_000_000, 1_000_000, 100_000)]
     assert [c["dropout"] for c, _ in ten_minutes] == [0.0, 0.0, 0.2]   # only a text read ~100 times is memorised
     assert [c["n_embd"] for c, _ in ten_minutes] == [192, 192, 128]
+    assert [c["weight_decay"] for c, _ in ten_minutes] == [0.1, 1.0, 0.1]   # read ~10 times: decay holds it back
+    assert "weight decay 1.0" in ten_minutes[1][1]
     assert "about 0.9 passes" in ten_minutes[0][1] and "about 90.0 passes" in ten_minutes[2][1]
     # a step budget smaller than the minutes' reads only its own steps' tokens
     assert "about 1.0 passes" in T.fit_to_text(20 * 16 * 128, 10, 20, 16, 128)[1]
