@@ -982,7 +982,7 @@ def get_batch(data, batch_size, block_size, gen, device):
 # it is what evaluation measures and what a checkpoint holds as the model. While the learning rate
 # is still high it writes far more of its working right than the weights themselves do (three seeds,
 # 5.2M tokens into a 12M-token schedule: 90-97% of the probe against 71-81%), so what a model has
-# learned shows long before its schedule ends, whatever the machine's speed made that length.
+# learned shows long before its schedule ends, however long the machine's speed made the schedule.
 # A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
 # nothing in it can run code. save_checkpoint (appendix) writes it so that a crash never leaves
 # half of one; pick_dtype (appendix) decides whether bf16 pays on this machine.
