@@ -184,7 +184,7 @@ def test_every_story_is_read_first_and_every_schema_is_drawn():
         "separate": "a - b = ?", "join-change": "a + ? = b", "join-start": "? + a = b",
         "separate-change": "a - ? = b", "combine-part": "a + ? = b", "compare-fewer": "a - b = ?",
         "groups": "a x b = ?", "price": "a x b = ?", "share": "a / b = ?", "bags": "a / b = ?", "sum": "a + b = ?",
-        "combine3": "a + b + c = ?", "combine-change": "a + b - c = ?", "bare": None, "compare-difference": None, "changes": None, "groups-change": None}
+        "combine3": "a + b + c = ?", "bare": None, "compare-difference": None, "changes": None, "groups-change": None}
     for family in T.FAMILIES:
         for _ in range(400):
             p = T.make_problem(rng, family)
@@ -222,13 +222,9 @@ def test_held_out_wordings_never_appear_in_training():
     train, _ = T.build_corpus(3000, seed=0, n_val=10)
     held = T.make_split("wordings", 300, seed=0)
     text = " ".join(p["question"] for p in train)
-    for verbs in (T.GAIN, T.LOSE, T.HAVE, T.ARRIVE):
+    for verbs in (T.GAIN, T.LOSE, T.HAVE):
         for present, past in verbs[3::4]:   # every fourth verb is held out
             assert not re.search(rf"\b({present}|{past})\b", text), present
-    held_phrases = T.WHEN_WHERE[3::4] + [t for pair in T.TWO_TIMES[3::4] for t in pair]   # and every fourth phrase
-    assert not [h for h in held_phrases if re.search(rf"\b{h}\b", text)]
-    held_text = " ".join(p["question"] for p in held)
-    assert [h for h in held_phrases if h in held_text] and re.search(r"\b(today|at school|at the store)\b", text)
     assert all(not p["held"] for p in train) and all(p["held"] for p in held)
     seen = set().union(*map(shape_trigrams, (p["question"] for p in train)))
     new = [shape_trigrams(p["question"]) - seen for p in held]
