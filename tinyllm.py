@@ -2789,8 +2789,8 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 # half as wide (4 x 128, 2 heads of 64, 0.86M parameters) takes steps 1.7 times as fast, and in one
 # 9-minute fp32 run each it wrote 99.5% of the validation problems exactly where 4 x 192 wrote 52%:
 # the corpus needs steps more than width, and more than depth: 6 x 128 learns its working in fewer
-# tokens, but its steps take about 1.5 times as long, so a 9-minute fp32 run gets about 40% fewer and
-# ends weaker on multi-step problems (two seeds of three under 90%, where 4 x 128 had none). Prose
+# tokens, but its steps take about 1.5 times as long, so a 9-minute fp32 run gets 32-43% fewer steps
+# and ends weaker on multi-step problems (two seeds of three under 90%, where 4 x 128 had none). Prose
 # needs width: 4 x 192 (1.8M), and batch 16 rather than 32 (twice the optimizer steps in the same
 # minutes) reached a lower validation loss.
 TRAIN_DEFAULTS = {
