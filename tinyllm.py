@@ -985,7 +985,7 @@ def get_batch(data, batch_size, block_size, gen, device):
 # learned shows long before its schedule ends, however long the machine's speed made the schedule.
 # A checkpoint is one plain dict (tensors, numbers, strings) that loads with weights_only=True:
 # nothing in it can run code. save_checkpoint (appendix) writes it so that a crash never leaves
-# half of one; pick_dtype and pick_compile (appendix) decide whether bf16 and torch.compile pay here.
+# half of one; pick_dtype (appendix) decides whether bf16 pays on this machine.
 # -----------------------------------------------------------------------------------------------
 
 
@@ -1082,12 +1082,10 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
         step, elapsed, best_val, learned_at = restore_training(resume_state, model, optimizer, gen, settings.seed,
                                                                rank, device)
     fwd = torch.nn.parallel.DistributedDataParallel(model) if ddp else model   # torchrun: averages gradients
+    fwd = torch.compile(fwd) if settings.compile else fwd
     budget = settings.max_minutes * 60 if settings.max_minutes else float("inf")
-    if settings.compile:   # appendix: compiled on a throwaway batch; its time comes out of the budget
-        fwd, compile_s = compile_model(fwd, splits["train"], settings, model.cfg.block_size, device, dtype)
-        budget -= compile_s
     tokens_per_step = settings.batch_size * settings.grad_accum * model.cfg.block_size * world
-    history, accuracy, val_loss = [], None, None
+    history, accuracy, val_loss, at_start = [], None, None, step
     meter = Speedometer(step, elapsed, tokens_per_step)   # appendix: tokens/s for the bar and the log
     with StopOnSignal() as stop, tqdm(total=settings.max_iters if budget == float("inf") else None, initial=step,
                                       unit="step", dynamic_ncols=True, disable=True if rank else None,
@@ -1125,7 +1123,7 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                     save_checkpoint(settings.out, state)
             if last:
                 break
-            lr = lr_at(progress, settings.lr, settings.warmup)
+            lr, t_step = lr_at(progress, settings.lr, settings.warmup), time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(settings.grad_accum):
@@ -1142,6 +1140,8 @@ def train(model, tokenizer, splits, settings, meta, resume_state=None, probe=Non
                     for a, w in zip(average.parameters(), model.parameters()):
                         a.lerp_(w, 1 - keep)
             step += 1
+            if settings.compile and step == at_start + 1:   # this step compiled the model: not training time, or the
+                start += time.perf_counter() - t_step   # time-based warm-up would be over before it began
             elapsed = time.perf_counter() - start
             if step % 10 == 0:   # reading the loss waits for the GPU to finish, so only every tenth step
                 lossf = check_finite("loss", loss.item(), step, settings.lr)
@@ -1456,15 +1456,13 @@ def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettin
     claim_out(out, resume_asked=False, overwrite=False)                           # appendix: a new, writable file
     device = pick_device("auto")
     dtype = pick_dtype("auto", device)                                            # appendix: bf16 where it pays
-    compiled = pick_compile("auto", device, dtype, minutes, max_iters)[0]         # appendix: compiling too
     train_p, val_p = build_corpus(corpus_size, seed)                              # 2. stories and their working
     texts = ["".join(problem_text(p)) for p in train_p[:20_000]]
     tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)       # 1. text <-> token ids
     torch.manual_seed(seed)                                                       # the initial weights
     model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
     splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss weights
-    settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype,
-                             compile=compiled)
+    settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
     meta = {"data": None, "corpus_format": "working", "corpus_size": corpus_size, "device": device, "dtype": dtype,
             "settings": asdict(settings)}                                         # saved in the checkpoint
     probe = accuracy_probe(tokenizer, val_p[:200], dtype, direct=False)           # 6. and 7. as it learns
@@ -1476,15 +1474,15 @@ def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettin
 # -----------------------------------------------------------------------------------------------
 # 9. Appendix: tools beyond the lesson
 # Nothing here is needed to understand the model. The story catalogue (the wordings of every schema
-# make_problem tells); checkpoints read with every field checked and written atomically, the
-# dtype race and when compiling pays; your text read, tokenized once and memory-mapped; care for the
-# user's files (temporary files of dead processes cleared, one training per checkpoint, outputs
-# checked before any work); resuming a run, stopping it cleanly on Ctrl-C, and divergence (train()
-# calls restore_training, StopOnSignal and check_finite); a training log and its plot; a look inside
-# (the probabilities behind each token, one layer's attention); a chat loop; a faster one-token step
-# for generate; int8 inference; export to ONNX and to Hugging Face's GPT-NeoX format; data-parallel
-# training with torchrun (cmd_train calls torchrun_start and torchrun_finish, train() the other
-# two). Optional packages are imported inside each tool.
+# make_problem tells); checkpoints read with every field checked and written atomically, and the
+# dtype race; your text read, tokenized once and memory-mapped; care for the user's files (temporary
+# files of dead processes cleared, one training per checkpoint, outputs checked before any work);
+# resuming a run, stopping it cleanly on Ctrl-C, and divergence (train() calls restore_training,
+# StopOnSignal and check_finite); a training log and its plot; a look inside (the probabilities
+# behind each token, one layer's attention); a chat loop; a faster one-token step for generate; int8
+# inference; export to ONNX and to Hugging Face's GPT-NeoX format; data-parallel training with
+# torchrun (cmd_train calls torchrun_start and torchrun_finish, train() the other two). Optional
+# packages are imported inside each tool.
 # -----------------------------------------------------------------------------------------------
 
 # The story catalogue. make_problem tells each schema with the function STORIES names for it; the
@@ -2028,47 +2026,6 @@ def pick_dtype(name, device):
             a @ b
         speed[dt] = time.perf_counter() - t
     return "bf16" if speed[torch.bfloat16] < 0.8 * speed[torch.float32] else "fp32"
-
-
-# torch.compile fuses the step's many small operations (the rotation's multiplies and adds, the
-# norms, the casts) into a few kernels. On a 2-core CPU with bf16 units it made a training step 1.30
-# times as fast at both default shapes (the corpus's 4 x 128 and your text's 4 x 192), after 11-24 s
-# of compiling; in fp32 only 1.09-1.18 times. So auto compiles where that pays back within the run:
-# bf16 on a CPU, a run of at least COMPILE_MINUTES and 5,000 steps (4 minutes at the fastest step
-# measured), and a C++ compiler to build the kernels with.
-COMPILE_MINUTES = 3
-
-
-def pick_compile(name, device, dtype, max_minutes, max_iters):
-    """(compile or not, why), for --compile auto|on|off."""
-    if name != "auto":
-        return name == "on", f"--compile {name}"
-    if device != "cpu" or dtype != "bf16" or not max_minutes or max_minutes < COMPILE_MINUTES or max_iters < 5000:
-        return False, f"not compiled: it pays for bf16 on a CPU, in a run of {COMPILE_MINUTES}+ minutes"
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        get_cpp_compiler()
-    except Exception:
-        return False, "not compiled: no C++ compiler found to build the kernels with"
-    return True, "compiled: about 1.3 times the steps of bf16 on a CPU (--compile off to turn off)"
-
-
-def compile_model(fwd, data, settings, block_size, device, dtype):
-    """torch.compile fwd and compile it now, on one throwaway batch (its gradients dropped, the random
-    streams untouched), so that the time it took is known. Returns (compiled or, if compiling failed,
-    the plain fwd, seconds spent)."""
-    x, y = (torch.zeros(settings.batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
-    weights = None if data.get("weights") is None else torch.ones(x.shape, device=device)
-    compiled, t = torch.compile(fwd), time.perf_counter()
-    try:   # (x and y apart: the compiled code is specialised to what it was first called with)
-        with torch.random.fork_rng(devices=[]), autocast(device, dtype):
-            compiled(x, y, weights)[1].backward()
-    except Exception as e:   # the compiler is missing or fails on this machine: train without it
-        print(f"compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); training uncompiled")
-        compiled = fwd
-    for p in fwd.parameters():
-        p.grad = None
-    return compiled, time.perf_counter() - t
 
 
 def append_log(out, row, accuracy=None, learned_at=None):
@@ -2980,13 +2937,12 @@ def cmd_train(args):
         del texts   # from here on the memory-mapped ids are all we need
         splits = text_splits(ids, f.val_fraction, cfg.block_size)
         probe, n_probe = sample_probe(tokenizer, ids[:8].tolist(), dtype), 0
-    f.compile, compiled = pick_compile(f.compile, device, dtype, f.max_minutes, f.max_iters)
     settings = train_settings(f, device, dtype, weight_decay, resume)
     meta.update(device=device, dtype=dtype, settings=asdict(settings))
     if resume is None and os.path.exists(log_path(f.out)) and not (torch.distributed.is_initialized()
                                                                and torch.distributed.get_rank()):
         os.remove(log_path(f.out))   # a new run starts a new log
-    print(f"training on {device} ({dtype}; {compiled}), {len(splits['train']['ids']):,} training tokens, "
+    print(f"training on {device} ({dtype}), {len(splits['train']['ids']):,} training tokens, "
           f"batch {settings.batch_size} x {cfg.block_size}, lr {settings.lr:g}, budget {settings.max_iters:,} steps or "
           f"{settings.max_minutes:g} minutes" + (f", resuming at step {resume['step']}" if resume else ""))
     r = train(model, tokenizer, splits, settings, meta, resume_state=resume, probe=probe)
@@ -3208,9 +3164,8 @@ def train_flags(t):
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA and on CPUs where it is faster, else fp32")
-    t.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model; auto: for bf16 on a CPU with a budget of 3 minutes or more "
-                   "(the compiling comes out of --max-minutes)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (compiling, in the "
+                   "first step, is not counted in --max-minutes)")
     t.add_argument("--seed", type=SEED, default=TrainSettings.seed)
     t.add_argument("--out", default=TrainSettings.out, help="checkpoint path (the best one is saved beside it as .best.pt)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint at --out")

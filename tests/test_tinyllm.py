@@ -664,7 +664,6 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
     assert "batch 8 x 32, lr 0.003," in r.stdout   # the learning rate chosen for text
-    assert "(fp32; not compiled: it pays for bf16 on a CPU" in r.stdout   # and whether it compiles, and why
     # 30 steps of 8 x 32 tokens read this 3,200-token text about twice: no dropout, and it says so
     assert ("chosen for your text: 3,456 training tokens, about 2.2 passes in this budget; it is still being "
             "learned at the end: no dropout (dropout 0, weight_decay 0.1;") in r.stdout   # the shape was given
@@ -831,11 +830,10 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_compile_time_comes_out_of_the_budget_not_the_schedule(tmp_path, monkeypatch):
-    # compiling makes the first call slow. It is done before training, on a throwaway batch: the run
-    # still ends when its wall-clock budget does, and the time-based warm-up starts after it. A
-    # stand-in for torch.compile whose first call takes 4 seconds makes this independent of how fast
-    # (or how cached) the real compiler is.
+def test_compile_time_is_not_counted_in_the_budget(tmp_path, monkeypatch):
+    # compiling makes the first step slow; if that counted, a short budget (and the time-based warm-up)
+    # would be over after one step. A stand-in for torch.compile whose first call takes 4 seconds
+    # makes this independent of how fast (or how cached) the real compiler is.
     import time
 
     def slow_first_call(model):
@@ -850,50 +848,11 @@ def test_compile_time_comes_out_of_the_budget_not_the_schedule(tmp_path, monkeyp
     monkeypatch.setattr(torch, "compile", slow_first_call)
     tok = T.CharTokenizer(set(TEXT))
     ids = T.cached_ids([TEXT * 5], tok, str(tmp_path))
-    s = T.TrainSettings(out=str(tmp_path / "m.pt"), batch_size=4, max_minutes=0.12, eval_interval=100000,
+    s = T.TrainSettings(out=str(tmp_path / "m.pt"), batch_size=4, max_minutes=0.05, eval_interval=100000,
                         eval_iters=1, device="cpu", dtype="fp32", compile=True)   # a cheap step-0 evaluation
-    t = time.perf_counter()
     r = T.train(tiny_model(vocab_size=tok.vocab_size), tok, {"train": {"ids": ids}}, s,
                 {"device": "cpu", "dtype": "fp32"})
-    wall = time.perf_counter() - t
-    assert r["step"] >= 3 and r["elapsed"] < 5.5   # 7.2 s of budget less the 4 s of compiling: about 3.2
-    assert wall < 7.2 + 3   # the budget is wall-clock time, compiling included
-
-
-def test_a_compiler_that_fails_leaves_training_uncompiled(tmp_path, monkeypatch, capsys):
-    def broken(model):
-        def fwd(*args):
-            raise RuntimeError("no compiler here")
-        return fwd
-    monkeypatch.setattr(torch, "compile", broken)
-    tok = T.CharTokenizer(set(TEXT))
-    ids = T.cached_ids([TEXT * 5], tok, str(tmp_path))
-    s = T.TrainSettings(out=str(tmp_path / "m.pt"), batch_size=4, max_iters=5, max_minutes=0, eval_interval=100000,
-                        eval_iters=1, device="cpu", dtype="fp32", compile=True)
-    r = T.train(tiny_model(vocab_size=tok.vocab_size), tok, {"train": {"ids": ids}}, s,
-                {"device": "cpu", "dtype": "fp32"})
-    assert r["step"] == 5
-    assert "compiling failed (RuntimeError: no compiler here); training uncompiled" in capsys.readouterr().out
-
-
-def test_compile_auto_only_where_it_pays(monkeypatch):
-    import torch._inductor.cpp_builder as cpp
-    monkeypatch.setattr(cpp, "get_cpp_compiler", lambda: "g++")
-    big = 1_000_000   # the default budget of steps: the clock ends the run
-    assert T.pick_compile("auto", "cpu", "bf16", 9, big)[0]
-    assert not T.pick_compile("auto", "cpu", "fp32", 9, big)[0]    # fp32 gains too little for the compiling
-    assert not T.pick_compile("auto", "cpu", "bf16", 1, big)[0]    # a short run would spend its time compiling
-    assert not T.pick_compile("auto", "cpu", "bf16", 9, 40)[0]     # so would a run of a few steps
-    assert not T.pick_compile("auto", "cpu", "bf16", 0, big)[0]    # a budget of steps alone: its time is unknown
-    assert not T.pick_compile("auto", "cuda", "bf16", 9, big)[0]
-    assert T.pick_compile("on", "cpu", "fp32", 0, 40) == (True, "--compile on")
-    assert T.pick_compile("off", "cpu", "bf16", 9, big) == (False, "--compile off")
-
-    def missing():
-        raise RuntimeError("no compiler")
-    monkeypatch.setattr(cpp, "get_cpp_compiler", missing)
-    compiled, why = T.pick_compile("auto", "cpu", "bf16", 9, 1_000_000)
-    assert not compiled and "no C++ compiler" in why
+    assert r["step"] >= 3 and r["elapsed"] < 4   # counted, the 4 s first step alone would end the 3 s budget
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
