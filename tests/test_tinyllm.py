@@ -688,6 +688,7 @@ def test_shape_and_regularisation_follow_how_often_the_budget_reads_the_text(tmp
     ten_minutes = [T.fit_to_text(n, 10, 1_000_000, 16, 128) for n in (10_000_000, 1_000_000, 100_000)]
     assert [c["dropout"] for c, _ in ten_minutes] == [0.0, 0.0, 0.2]   # only a text read ~100 times is memorised
     assert [c["n_embd"] for c, _ in ten_minutes] == [192, 192, 128]
+    assert [c["n_layer"] for c, _ in ten_minutes] == [4, 3, 4]   # read ~10 times: shallower, for more steps
     assert [c["weight_decay"] for c, _ in ten_minutes] == [0.1, 1.0, 0.1]   # read ~10 times: decay holds it back
     assert "weight decay 1.0" in ten_minutes[1][1]
     assert "about 0.9 passes" in ten_minutes[0][1] and "about 90.0 passes" in ten_minutes[2][1]
@@ -695,17 +696,21 @@ def test_shape_and_regularisation_follow_how_often_the_budget_reads_the_text(tmp
     assert "about 1.0 passes" in T.fit_to_text(20 * 16 * 128, 10, 20, 16, 128)[1]
     data = tmp_path / "t.txt"
     data.write_text("The cat sat on the mat. " * 200)   # 4,320 training tokens
-    common = ["train", "--data", str(data), "--n-layer", "1", "--block-size", "16", "--batch-size", "4",
+    common = ["train", "--data", str(data), "--block-size", "16", "--batch-size", "4",
               "--eval-interval", "2", "--dtype", "fp32", "--cache-dir", str(tmp_path / "cache"),
               "--max-iters", "1500", "--stop-after", "1"]   # 1,500 steps would read it 22 times
     chosen = run_cli(*common, "--out", str(tmp_path / "a.pt"))
     assert chosen.returncode == 130 and "about 22.2 passes" in chosen.stdout and "dropout 0.2, " in chosen.stdout
     cfg = T.load_checkpoint(str(tmp_path / "a.pt"))["config"]
-    assert (cfg["dropout"], cfg["n_embd"], cfg["n_head"]) == (0.2, 128, 2)
-    given = run_cli(*common, "--dropout", "0.05", "--n-embd", "48", "--out", str(tmp_path / "b.pt"))
+    assert (cfg["dropout"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == (0.2, 4, 128, 2)
+    given = run_cli(*common, "--dropout", "0.05", "--n-layer", "1", "--n-embd", "48", "--out", str(tmp_path / "b.pt"))
     assert given.returncode == 130 and "chosen for your text" in given.stdout   # the weight decay still is
     cfg = T.load_checkpoint(str(tmp_path / "b.pt"))["config"]
-    assert (cfg["dropout"], cfg["n_embd"], cfg["n_head"]) == (0.05, 48, 3)   # a given width keeps the heads it had
+    assert (cfg["dropout"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == (0.05, 1, 48, 3)   # width keeps heads
+    mid = run_cli(*common[:-4], "--max-iters", "700", "--stop-after", "1", "--out", str(tmp_path / "c.pt"))
+    assert mid.returncode == 130 and "about 10.4 passes" in mid.stdout and "n_layer 3, " in mid.stdout
+    ck = T.load_checkpoint(str(tmp_path / "c.pt"))
+    assert (ck["config"]["n_layer"], ck["config"]["n_embd"], ck["meta"]["settings"]["weight_decay"]) == (3, 192, 1.0)
 
 
 def test_cli_thinking_corpus_train_and_eval(tmp_path):
