@@ -2791,16 +2791,17 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 # the corpus needs steps more than width, and more than depth: 6 x 128 learns its working in fewer
 # tokens, but its steps take about 1.5 times as long, so a 9-minute fp32 run gets 32-43% fewer steps
 # and ends weaker on multi-step problems (two seeds of three under 90%, where 4 x 128 had none). Prose
-# needs width: 4 x 192 (1.8M), and batch 16 rather than 32 (twice the optimizer steps in the same
-# minutes) reached a lower validation loss.
+# needs width: 192 (3 layers, 1.35M; fit_to_text says why 3), and batch 16 rather than 32 (twice the
+# optimizer steps in the same minutes) reached a lower validation loss.
 TRAIN_DEFAULTS = {
-    "corpus": {"tokenizer": "bpe", "n_layer": Config.n_layer, "n_embd": Config.n_embd, "n_head": Config.n_head,
-               "block_size": Config.block_size, "batch_size": TrainSettings.batch_size, "lr": TrainSettings.lr},
-    "text": {"tokenizer": "char", "n_layer": 4, "n_embd": 192, "n_head": 3, "block_size": 128, "batch_size": 16, "lr": 3e-3},
+    "corpus": {"tokenizer": "bpe", "n_layer": Config.n_layer, "n_embd": Config.n_embd,   # the lesson's own
+               "n_head": Config.n_head, "block_size": Config.block_size, "batch_size": TrainSettings.batch_size,
+               "lr": TrainSettings.lr},
+    "text": {"tokenizer": "char", "n_layer": 3, "n_embd": 192, "n_head": 3, "block_size": 128, "batch_size": 16,
+             "lr": 3e-3},
 }
-TEXT_TOKENS_PER_MINUTE = 900_000   # the --data default shape on a 2-core CPU: 15,261 tokens/s at bf16 437 GFLOP/s
-
-
+TEXT_TOKENS_PER_MINUTE = 900_000   # 4 x 192 on a 2-core CPU (15,261 tokens/s at bf16 437 GFLOP/s): the passes
+# of a budget are counted at this rate, as fit_to_text's bands were set; 3 x 192 reads about 1.3 times as many
 FITTED = ("dropout", "weight_decay", "n_layer", "n_embd", "n_head")   # what fit_to_text may choose
 
 
@@ -2812,8 +2813,9 @@ def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
     the weights toward 0 (weight decay 1.0 instead of 0.1, free of cost) ended 0.016-0.023 lower in
     three seeds, where dropout (units left out at random, so no one path can store the text) cost 30%
     of the steps and ended 0.05 higher. Three layers instead of four take about 1.3 times the steps in
-    the same minutes, and on such a text the steps are worth more than the depth: lower in three seeds
-    of three at a 10-minute run's steps, and 0.005 lower in the median of three 10-minute runs. A text
+    the same minutes, and on a text read up to 20 times the steps are worth more than the depth (1 MB:
+    lower in three seeds of three at a 10-minute run's steps, 0.005 lower in the median of three
+    10-minute runs; the whole of War and Peace, 3 passes: 0.003 lower in the median of three). A text
     read a hundred times is memorised: after a few passes its validation loss turns and climbs. A
     narrower model with dropout has less room to store it."""
     seen = max_iters * batch_size * block_size
@@ -2821,8 +2823,8 @@ def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
         seen = min(seen, minutes * TEXT_TOKENS_PER_MINUTE)
     passes = seen / max(1, n_tokens)
     if passes < 5:
-        chosen = {"dropout": 0.0, "weight_decay": 0.1, "n_layer": 4, "n_embd": 192, "n_head": 3}
-        why = "it is still being learned at the end: no dropout"
+        chosen = {"dropout": 0.0, "weight_decay": 0.1, "n_layer": 3, "n_embd": 192, "n_head": 3}
+        why = "it is still being learned at the end: no dropout, and 3 layers for more steps"
     elif passes < 20:
         chosen = {"dropout": 0.0, "weight_decay": 1.0, "n_layer": 3, "n_embd": 192, "n_head": 3}
         why = "it starts to be memorised near the end: weight decay 1.0, and 3 layers for more steps"
@@ -2879,7 +2881,8 @@ def new_model(f, texts, thinking, given):
             print(f"chosen for your text: {why} ({', '.join(f'{k} {v:g}' for k, v in fitted.items())}; "
                   "give --dropout, --weight-decay, --n-layer, --n-embd or --n-head to choose yourself)")
     cfg = Config(vocab_size=tokenizer.vocab_size, block_size=f.block_size, n_layer=shape["n_layer"],
-                 n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=shape["dropout"] or 0.0, fused_attention=f.fused_attention)
+                 n_head=shape["n_head"], n_embd=shape["n_embd"], dropout=shape["dropout"] or 0.0,
+                 fused_attention=f.fused_attention)
     cfg.check(f.max_params)
     weight_decay = TrainSettings.weight_decay if shape["weight_decay"] is None else shape["weight_decay"]
     return GPT(cfg), tokenizer, ids, weight_decay
