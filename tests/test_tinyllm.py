@@ -664,9 +664,10 @@ def test_cli_train_generate_info_on_user_text(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "step 30" in r.stdout and "total" in r.stdout and os.path.exists(ck)
     assert "batch 8 x 32, lr 0.003," in r.stdout   # the learning rate chosen for text
-    # 30 steps of 8 x 32 tokens read this 3,200-token text about twice: no dropout, and it says so
+    # 30 steps of 8 x 32 tokens read this 3,200-token text about twice: no dropout, and it says so; the shape
+    # was given, so only the dropout and weight decay are chosen
     assert ("chosen for your text: 3,456 training tokens, about 2.2 passes in this budget; it is still being "
-            "learned at the end: no dropout (dropout 0, weight_decay 0.1;") in r.stdout   # the shape was given
+            "learned at the end: no dropout, and 3 layers for more steps (dropout 0, weight_decay 0.1;") in r.stdout
     assert os.path.exists(T.best_path(ck))
     g = run_cli("generate", "--checkpoint", ck, "--prompt", "The cat", "--max-new-tokens", "20",
                 "--temperature", "0.8", "--top-k", "5", "--seed", "1")
