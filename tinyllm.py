@@ -2816,9 +2816,9 @@ def fit_to_text(n_tokens, minutes, max_iters, batch_size, block_size):
     the same minutes, and on a text read up to 20 times the steps are worth more than the depth (1 MB:
     lower in three seeds of three at a 10-minute run's steps, 0.005 lower in the median of three
     10-minute runs; the whole of War and Peace, 3 passes: 0.003 lower in the median of three). A text
-    read 50 or 100 times is memorised even so: after a few passes its validation loss turns and climbs.
-    A narrower model with dropout has less room to store it, but it learns less of a text read 24
-    times than 3 x 192 with weight decay does (1 MB: 0.08 higher), so the switch lies between the two."""
+    read 50 or 100 times is memorised even by 3 x 192 with weight decay 1.0: after a few passes its
+    validation loss turns and climbs. A narrower model with dropout has less room to store it, but of a
+    text read 24 times it learns less (1 MB: 0.08 higher), so the switch, at 35, lies between the two."""
     seen = max_iters * batch_size * block_size
     if minutes:
         seen = min(seen, minutes * TEXT_TOKENS_PER_MINUTE)
