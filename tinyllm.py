@@ -693,10 +693,10 @@ MAX_PARAMS = 2_000_000   # the product's ceiling: a model of this size trains in
 class Config:
     vocab_size: int = 100
     block_size: int = 192     # the longest context the model sees
-    n_layer: int = 6
+    n_layer: int = 4
     n_head: int = 2
     n_embd: int = 128
-    mlp_ratio: int = 2        # the MLP's hidden width, in multiples of n_embd (GPT-2: 4; see MLP)
+    mlp_ratio: int = 4        # the MLP's hidden width, in multiples of n_embd (see MLP)
     dropout: float = 0.0
     bias: bool = True
     fused_attention: bool = False   # F.scaled_dot_product_attention on a CPU too (a GPU always uses it)
@@ -800,9 +800,9 @@ def rotate(x, cos, sin):
 
 
 class MLP(nn.Module):
-    """Widen each position's vector mlp_ratio times, GELU, narrow it back. GPT-2 widens 4 times; the
-    corpus model widens 2 times and has 6 layers instead of 4: the same parameters and nearly the same
-    arithmetic, but two more rounds of looking back, and it learns its working in fewer tokens."""
+    """Widen each position's vector mlp_ratio times (4, as GPT-2), GELU, narrow it back. With the MLP
+    2 times as wide, 6 layers hold the parameters of 4: they learn the corpus's working in fewer
+    tokens, but on 2 cores a step takes 1.2 times as long (TRAIN_DEFAULTS says what that costs)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -899,10 +899,10 @@ class GPT(nn.Module):
         return logits, (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-# Try this: train with --n-layer 4 --mlp-ratio 4 (GPT-2's MLP, the same parameters) and compare
-# how soon the probe passes 95% with the default 6 layers: depth buys rounds of looking back per
-# token, width and speed buy the rest (in the same minutes on a CPU, 4 layers of 128 beat 4 of 192:
-# cheaper steps, more of them).
+# Try this: train with --n-layer 6 --mlp-ratio 2 (the same parameters) and compare how soon the
+# probe passes 95% with the default 4 layers: depth buys rounds of looking back per token, width and
+# speed buy the rest (in the same minutes on a CPU, 4 layers of 128 beat 4 of 192: cheaper steps,
+# more of them).
 
 # -----------------------------------------------------------------------------------------------
 # 4. Data
@@ -1464,7 +1464,7 @@ def learn_to_think(out, minutes=TrainSettings.max_minutes, max_iters=TrainSettin
     texts = ["".join(problem_text(p)) for p in train_p[:20_000]]
     tokenizer = make_tokenizer("bpe", texts, BPE_VOCAB_SIZE, thinking=True)       # 1. text <-> token ids
     torch.manual_seed(seed)                                                       # the initial weights
-    model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 6 layers of 128: 0.86M
+    model = GPT(Config(vocab_size=tokenizer.vocab_size))                          # 3. 4 layers of 128: 0.86M
     splits = corpus_splits(train_p, val_p, tokenizer, model.cfg.block_size)       # 4. windows and loss weights
     settings = TrainSettings(out=out, max_iters=max_iters, max_minutes=minutes, seed=seed, device=device, dtype=dtype)
     meta = {"data": None, "corpus_format": "working", "corpus_size": corpus_size, "device": device, "dtype": dtype,
@@ -2790,14 +2790,18 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 
 
 # What train uses where a flag is not given. The built-in corpus and your text each get their own
-# shape, context, batch and learning rate, chosen by 10-minute runs on each. On the corpus a model
-# half as wide (4 x 128, 2 heads of 64, 0.86M parameters) takes steps 1.7 times as fast, and in one
-# 9-minute fp32 run each it wrote 99.5% of the validation problems exactly where 4 x 192 wrote 52%:
-# the corpus needs steps more than width, and more than depth: 6 x 128 learns its working in fewer
-# tokens, but its steps take about 1.5 times as long, so a 9-minute fp32 run gets 32-43% fewer steps
-# and ends weaker on multi-step problems (two seeds of three under 90%, where 4 x 128 had none). Prose
-# needs width: 192 (3 layers, 1.35M; fit_to_text says why 3), and batch 16 rather than 32 (twice the
-# optimizer steps in the same minutes) reached a lower validation loss.
+# shape, context, batch and learning rate, chosen by runs on each. On the corpus a model 128 wide
+# (2 heads of 64) takes steps 1.7 times as fast as one 192 wide, and in one 9-minute fp32 run each
+# it wrote 99.5% of the validation problems exactly where 4 x 192 wrote 52%: the corpus needs steps
+# more than width. Depth learns it in fewer tokens but not in fewer minutes. Trained by steps to 4M
+# tokens, 6 layers with an MLP 2 times as wide (the same 0.86M parameters) passed 95% of the probe
+# within 4M tokens in three seeds of three, 4 x 128 in one; but on 2 cores a step of it takes 1.2
+# times as long, its 9-minute runs got 24-35% fewer steps, and they ended no better (fp32: 96.5-98.9%
+# of held-out questions against 98.7-99.1%), two of seven under 80% on held-out facts (4 x 128: none
+# of six). With the MLP 4 times wide, a step takes 1.5 times as long and two 9-minute fp32 seeds of
+# three ended under 90% on multi-step problems. Prose needs width: 192 (3 layers, 1.35M;
+# fit_to_text says why 3), and batch 16 rather than 32 (twice the optimizer steps in the same
+# minutes) reached a lower validation loss.
 TRAIN_DEFAULTS = {
     "corpus": {"tokenizer": "bpe", "n_layer": Config.n_layer, "n_embd": Config.n_embd,   # the lesson's own
                "n_head": Config.n_head, "mlp_ratio": Config.mlp_ratio, "block_size": Config.block_size,
@@ -3139,12 +3143,12 @@ def train_flags(t):
     t.add_argument("--vocab-size", type=bounded(int, "--vocab-size", 1, 65536), default=BPE_VOCAB_SIZE,
                    help="BPE vocabulary size")
     t.add_argument("--n-layer", type=bounded(int, "--n-layer", 1, 64), help="depth of the model "
-                   "(default: 6 on the built-in corpus; on --data, chosen from the text's size and the budget)")
+                   "(default: 4; on --data, chosen from the text's size and the budget)")
     t.add_argument("--n-head", type=bounded(int, "--n-head", 1, 64), help="default: 2 on the built-in corpus, 3 on --data")
     t.add_argument("--n-embd", type=bounded(int, "--n-embd", 1, 4096), help="width of the model "
                    "(default: 128 on the built-in corpus, 192 on --data)")
     t.add_argument("--mlp-ratio", type=bounded(int, "--mlp-ratio", 1, 16),
-                   help="the MLP's hidden width in multiples of --n-embd (default: 2 on the built-in corpus, 4 on --data)")
+                   help="the MLP's hidden width in multiples of --n-embd (default: 4)")
     t.add_argument("--block-size", type=bounded(int, "--block-size", 2, 8192), help="context length in tokens "
                    "(default: 192 on the built-in corpus, 128 on --data)")
     t.add_argument("--dropout", type=bounded(float, "--dropout", 0, 0.99),

@@ -704,7 +704,7 @@ def test_shape_and_regularisation_follow_how_often_the_budget_reads_the_text(tmp
     chosen = run_cli(*common, "--out", str(tmp_path / "a.pt"))
     assert chosen.returncode == 130 and "about 22.2 passes" in chosen.stdout and "dropout 0.2, " in chosen.stdout
     cfg = T.load_checkpoint(str(tmp_path / "a.pt"))["config"]
-    assert (cfg["dropout"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"]) == (0.2, 4, 128, 2)
+    assert (cfg["dropout"], cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["mlp_ratio"]) == (0.2, 4, 128, 2, 4)
     given = run_cli(*common, "--dropout", "0.05", "--n-layer", "1", "--n-embd", "48",
                     "--out", str(tmp_path / "b.pt"))
     assert given.returncode == 130 and "chosen for your text" in given.stdout   # the weight decay still is
@@ -723,6 +723,7 @@ def test_cli_thinking_corpus_train_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "probe 0.0% (200 validation problems written exactly)" in r.stdout
     assert "batch 4 x 192, lr 0.003," in r.stdout and "bpe tokenizer" in r.stdout   # the built-in corpus's own defaults
+    assert "(MLP 4x)" in r.stdout and T.load_checkpoint(ck)["config"]["mlp_ratio"] == 4
     # four steps teach nothing: the run says so, and the command it gives continues the same run
     assert "NOT LEARNED YET" in r.stdout and "it has not reached 95%" in r.stdout
     again = r.stdout.strip().splitlines()[-1].split()
@@ -1003,6 +1004,7 @@ HOSTILE = [   # (what the file holds, what the tool must say): one line to add t
     (lambda s: s["config"].update(n_embd="16"), "n_embd is '16', it must be a whole number"),
     (lambda s: s["config"].update(n_embd=16.5), "n_embd is 16.5"),
     (lambda s: s["config"].update(n_head=0), "n_head is 0"),
+    (lambda s: s["config"].update(mlp_ratio=0), "mlp_ratio is 0, it must be a whole number from 1 to 16"),
     (lambda s: s["config"].update(n_head=3), "n_embd=16 is not divisible by n_head=3"),
     (lambda s: s["config"].update(dropout=5.0), "dropout is 5.0"),
     (lambda s: s["config"].update(bias="yes"), "bias is 'yes', it must be true or false"),
@@ -1033,6 +1035,24 @@ def test_hostile_checkpoints_are_refused_before_anything_is_built(tmp_path, chan
     assert T.main(["info", "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_checkpoints_from_before_mlp_ratio_load_with_gpt2s_4(tmp_path):
+    # older checkpoints have no mlp_ratio in their config: every one of them widened its MLP 4 times
+    tok = T.CharTokenizer("abc")
+    for ratio, loads in [(4, True), (2, False)]:
+        model = tiny_model(vocab_size=tok.vocab_size, mlp_ratio=ratio)
+        state = checkpoint_state(model, tok, meta={"data": None})
+        del state["config"]["mlp_ratio"]
+        path = tmp_path / f"old{ratio}.pt"
+        torch.save(state, path)
+        if loads:
+            old, _ = T.model_from_file(str(path))
+            x = torch.randint(tok.vocab_size, (2, 9))
+            assert old.cfg.mlp_ratio == 4 and torch.equal(old(x)[0], model(x)[0])
+        else:   # a config without the field whose weights are 2 times wide: refused, not misread
+            with pytest.raises(T.UserError, match="do not match its config"):
+                T.model_from_file(str(path))
 
 
 def test_refusing_every_hostile_checkpoint_takes_little_memory(tmp_path):
@@ -1345,7 +1365,7 @@ def test_export_hf_loads_in_transformers(kind, tmp_path):
     texts = ["Q: What is 12 + 7?\nA: 12 + 7 = 19.\nAnswer: 19 " * 3, "hello world\n" * 5]
     tok = (T.CharTokenizer(set("".join(texts))) if kind == "char" else
            T.BPETokenizer.train(texts, 300, within_words=kind == "bpe"))
-    model = tiny_model(vocab_size=tok.vocab_size, block_size=64, seed=3)
+    model = tiny_model(vocab_size=tok.vocab_size, block_size=64, seed=3, mlp_ratio=4 if kind == "char" else 2)
     ck = tmp_path / "m.pt"
     T.save_checkpoint(str(ck), checkpoint_state(model, tok))
     out = tmp_path / "hf"
