@@ -2437,7 +2437,8 @@ def export_hf(model, tokenizer, out):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, Regex
     cfg = model.cfg
     conf = tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                            num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_ratio * cfg.n_embd, hidden_act="gelu",
+                            num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_ratio * cfg.n_embd,
+                            hidden_act="gelu",
                             max_position_embeddings=cfg.block_size, layer_norm_eps=1e-5, use_parallel_residual=False,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
                             attention_bias=True, tie_word_embeddings=True,
@@ -2947,8 +2948,8 @@ def cmd_train(args):
         model, tokenizer, ids, weight_decay = new_model(f, texts, thinking, given)
         meta = {"data": f.data, "corpus_format": f.corpus_format, "corpus_size": f.corpus_size}
     cfg = model.cfg
-    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd} (MLP {cfg.mlp_ratio}x), block {cfg.block_size}, "
-          f"{tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
+    print(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd} (MLP {cfg.mlp_ratio}x), "
+          f"block {cfg.block_size}, {tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens\n{param_report(cfg)}")
     if thinking:   # the probe: 200 validation problems, never in the training set; 1-3 s of every evaluation
         splits = corpus_splits(train_p, val_p, tokenizer, cfg.block_size, direct)
         probe, n_probe = accuracy_probe(tokenizer, val_p[:200], dtype, direct), len(val_p[:200])
