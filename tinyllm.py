@@ -2797,7 +2797,7 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 # more than width. Depth learns it in fewer tokens but not in fewer minutes. Trained by steps to 4M
 # tokens, 6 layers with an MLP 2 times as wide (the same 0.86M parameters) passed 95% of the probe
 # within 4M tokens in three seeds of three, 4 x 128 in one; but on 2 cores a step of it takes 1.2
-# times as long, its 9-minute runs got 24-35% fewer steps, and they ended no better (fp32: 96.5-98.9%
+# times as long, its 9-minute runs got 23-35% fewer steps, and they ended no better (fp32: 96.5-98.9%
 # of held-out questions against 98.7-99.1%), two of seven under 80% on held-out facts (4 x 128: none
 # of six). With the MLP 4 times wide, a step takes 1.5 times as long and two 9-minute fp32 seeds of
 # three ended under 90% on multi-step problems. Prose needs width: 192 (3 layers, 1.35M;
