@@ -800,9 +800,8 @@ def rotate(x, cos, sin):
 
 
 class MLP(nn.Module):
-    """Widen each position's vector mlp_ratio times (4, as GPT-2), GELU, narrow it back. With the MLP
-    2 times as wide, 6 layers hold the parameters of 4: they learn the corpus's working in fewer
-    tokens, but on 2 cores a step takes 1.2 times as long (TRAIN_DEFAULTS says what that costs)."""
+    """Each position on its own: (B, T, C) -> (B, T, mlp_ratio * C), GELU, -> (B, T, C). GPT-2 widens
+    4 times, as the default does."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -2794,13 +2793,10 @@ SEED = bounded(int, "--seed", 0, 2 ** 63 - 1)
 # shape, context, batch and learning rate, chosen by runs on each. On the corpus a model 128 wide
 # (2 heads of 64) takes steps 1.7 times as fast as one 192 wide, and in one 9-minute fp32 run each
 # it wrote 99.5% of the validation problems exactly where 4 x 192 wrote 52%: the corpus needs steps
-# more than width. Depth learns it in fewer tokens but not in fewer minutes. Trained by steps to 4M
-# tokens, 6 layers with an MLP 2 times as wide (the same 0.86M parameters) passed 95% of the probe
-# within 4M tokens in three seeds of three, 4 x 128 in one; but on 2 cores a step of it takes 1.2
-# times as long, its 9-minute runs got 23-35% fewer steps, and they ended no better (fp32: 96.5-98.9%
-# of held-out questions against 98.7-99.1%), two of seven under 80% on held-out facts (4 x 128: none
-# of six). With the MLP 4 times wide, a step takes 1.5 times as long and two 9-minute fp32 seeds of
-# three ended under 90% on multi-step problems. Prose needs width: 192 (3 layers, 1.35M;
+# more than width. Depth learns it in fewer tokens but not in fewer minutes: 6 layers with an MLP 2
+# times as wide (the same parameters) passed 95% of the probe within 4M tokens in three seeds of
+# three, 4 x 128 in one, but on 2 cores a step of it takes 1.2 times as long, and its 9-minute runs
+# ended no better (two of seven under 80% on held-out facts). Prose needs width: 192 (3 layers, 1.35M;
 # fit_to_text says why 3), and batch 16 rather than 32 (twice the optimizer steps in the same
 # minutes) reached a lower validation loss.
 TRAIN_DEFAULTS = {
