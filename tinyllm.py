@@ -2437,8 +2437,8 @@ def export_hf(model, tokenizer, out):
     cfg = model.cfg
     conf = tf.GPTNeoXConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
                             num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_ratio * cfg.n_embd,
-                            hidden_act="gelu",
-                            max_position_embeddings=cfg.block_size, layer_norm_eps=1e-5, use_parallel_residual=False,
+                            hidden_act="gelu", max_position_embeddings=cfg.block_size, layer_norm_eps=1e-5,
+                            use_parallel_residual=False,
                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
                             attention_bias=True, tie_word_embeddings=True,
                             bos_token_id=tokenizer.end_id, eos_token_id=tokenizer.end_id)
@@ -2889,8 +2889,8 @@ def new_model(f, texts, thinking, given):
             print(f"chosen for your text: {why} ({', '.join(f'{k} {v:g}' for k, v in fitted.items())}; "
                   "give --dropout, --weight-decay, --n-layer, --n-embd or --n-head to choose yourself)")
     cfg = Config(vocab_size=tokenizer.vocab_size, block_size=f.block_size, n_layer=shape["n_layer"],
-                 n_head=shape["n_head"], n_embd=shape["n_embd"], mlp_ratio=f.mlp_ratio, dropout=shape["dropout"] or 0.0,
-                 fused_attention=f.fused_attention)
+                 n_head=shape["n_head"], n_embd=shape["n_embd"], mlp_ratio=f.mlp_ratio,
+                 dropout=shape["dropout"] or 0.0, fused_attention=f.fused_attention)
     cfg.check(f.max_params)
     weight_decay = TrainSettings.weight_decay if shape["weight_decay"] is None else shape["weight_decay"]
     return GPT(cfg), tokenizer, ids, weight_decay
